@@ -1,0 +1,61 @@
+"""Accuracy table: methods x bit-widths x seeds on the embedded models (mean and std over seeds).
+
+python -m benchmarks.accuracy [--models vit swin] [--seeds 0 1 2] [--iters N] [--calib 1024]
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+import isvit_viz as iv
+from isvit_viz.calib import METHODS
+from isvit_viz.experiments import run_grid
+
+from ._common import parser, write
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--models", nargs="*", default=["vit", "swin"])
+    p.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--calib", type=int, default=1024)
+    p.add_argument("--test", type=int, default=None)
+    p.add_argument("--bits", nargs="*", type=int, default=[3, 4, 6])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.models, args.methods, args.seeds, args.iters, args.calib, args.test, args.bits = (
+            ["vit"],
+            ["minmax", "isvit"],
+            [0],
+            1,
+            64,
+            200,
+            [4],
+        )
+    rows, raw = [], []
+    for name in args.models:
+        model, splits = iv.load_embedded(name)
+        recs = run_grid(model, splits.calib_tensors(args.calib)[0], splits.test(args.test), args.methods,
+                        [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds, batch_size=min(64, args.calib))  # fmt: skip
+        raw += [{"model": name, **r} for r in recs]
+        for m in args.methods:
+            for b in args.bits:
+                rs = [r for r in recs if r["method"] == m and r["w_bits"] == b]
+
+                def ms(k: str, rs: list = rs) -> str:
+                    v = [r[k] for r in rs]
+                    return f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
+
+                rows.append({"model": f"embedded-{name}", "method": m, "W/A": f"{b}/{b}", "fp_top1": f"{rs[0]['fp_top1']:.4f}", "q_top1": ms("q_top1"),
+                             "agree_top1": ms("agree_top1"), "kl_to_fp": ms("kl_to_fp"), "wall_s": ms("wall_s"),
+                             "peak_rss_mb": f"{max(r['peak_rss_mb'] for r in rs):.0f}", "paper_deit_s": rs[0]["paper_deit_s_top1"]})  # fmt: skip
+    write("accuracy", args.out, {"settings": vars(args) | {"out": str(args.out)}, "runs": raw}, rows, list(rows[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Full I&S-ViT W3/A3 on a deit_small-shaped model (random init, synthetic 224 px inputs) on CUDA:
+wall time per stage and peak GPU memory. On a CPU-only machine run it with --smoke (tiny settings).
+
+    python -m benchmarks.gpu --device cuda            # 1024 images, 1000 iterations per unit and stage
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import isvit_viz as iv
+from isvit_viz.models import create
+
+from ._common import parser, write
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--calib", type=int, default=1024)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.iters, args.calib = "deit_tiny_patch16_224", 1, 8
+    torch.manual_seed(0)
+    model = create(args.model).to(args.device)
+    x = torch.randn(args.calib, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = iv.quantize(
+        model, "isvit", 3, 3, x, iters=args.iters, batch_size=min(64, args.calib), device=args.device, progress=not args.smoke
+    )
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    rows = [{"model": args.model, "device": args.device, "calib": args.calib, "iters": args.iters, "wall_min": wall / 60,
+             **{f"{k}_s": v for k, v in res.timings.items()}, "peak_gpu_gib": peak}]  # fmt: skip
+    write("gpu", args.out, {"target": "deit_small W3/A3 full pipeline <= 5 min on one H100"}, rows, list(rows[0]))
+
+
+if __name__ == "__main__":
+    main()

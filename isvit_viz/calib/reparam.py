@@ -1,0 +1,70 @@
+"""SOS stage 2: fold channel-wise post-LayerNorm activation scales into LayerNorm and the next Linear.
+
+For the channel-wise quantizer (s, z) in R^D of the input of ``next`` (qkv or fc1), with
+``s~ = mean(s)``, ``z~ = mean(z)`` (rounded to an integer unless ``round_zero_point=False``),
+``r1 = s / s~`` and ``r2 = z - z~`` (method.md 2.4, paper Eq. 15-16):
+
+* LayerNorm: ``gamma <- gamma / r1``, ``beta <- (beta + s * r2) / r1``;
+* next Linear: ``b <- b - W (s * r2)``, then ``W[:, j] <- r1[j] W[:, j]``;
+* the quantizer becomes per-tensor ``(s~, z~)``.
+
+In floating point the block computes the same function. With an integer ``z~`` the quantized codes
+are also unchanged: ``round(x~/s~) + z~ = round(x/s_c) + z_c`` exactly when ``z_c - z~`` is an
+integer, so the transition is lossless in the quantized domain too. The official code keeps the
+fractional mean (``round_zero_point=False``), which shifts the rounding grid of most channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..quant.modules import QuantLinear
+from ..quant.uniform import UniformQuantizer
+
+
+def post_ln_pairs(model: nn.Module) -> Iterator[tuple[str, nn.LayerNorm, QuantLinear]]:
+    """(block name, LayerNorm, following QuantLinear) for norm1 -> attn.qkv and norm2 -> mlp.fc1."""
+    for name, mod in model.named_modules():
+        attn, mlp = getattr(mod, "attn", None), getattr(mod, "mlp", None)
+        if attn is None or mlp is None or not hasattr(mod, "norm1") or not hasattr(mod, "norm2"):
+            continue
+        for ln, nxt in ((mod.norm1, getattr(attn, "qkv", None)), (mod.norm2, getattr(mlp, "fc1", None))):
+            if isinstance(ln, nn.LayerNorm) and isinstance(nxt, QuantLinear):
+                yield name, ln, nxt
+
+
+@torch.no_grad()
+def fold_channel_scales(ln: nn.LayerNorm, linear: QuantLinear, round_zero_point: bool = True) -> None:
+    """Reparameterize one (LayerNorm, Linear) pair in place; see the module docstring."""
+    q = linear.input_quantizer
+    if not isinstance(q, UniformQuantizer) or not q.is_calibrated:
+        raise ValueError("the Linear's input quantizer must be a calibrated UniformQuantizer")
+    if q.scale.numel() == 1:
+        return  # already layer-wise
+    if ln.weight is None or ln.bias is None:
+        raise ValueError("reparameterization needs a LayerNorm with affine weight and bias")
+    s, z = q.scale.flatten().double(), q.zero_point.flatten().double()
+    s_t = s.mean()
+    z_t = z.mean().round() if round_zero_point else z.mean()
+    r1, r2 = s / s_t, z - z_t
+    w = linear.weight.double()
+    shift = w @ (s * r2)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device))
+    linear.bias.copy_((linear.bias.double() - shift).to(linear.bias.dtype))
+    linear.weight.copy_((w * r1[None, :]).to(linear.weight.dtype))
+    ln.bias.copy_(((ln.bias.double() + s * r2) / r1).to(ln.bias.dtype))
+    ln.weight.copy_((ln.weight.double() / r1).to(ln.weight.dtype))
+    q.set_params(s_t.float(), z_t.float(), channel_axis=None)
+
+
+def reparameterize(model: nn.Module, round_zero_point: bool = True) -> int:
+    """Fold every channel-wise post-LN quantizer of ``model`` (SOS stage 2). Returns the pair count."""
+    n = 0
+    for _, ln, nxt in list(post_ln_pairs(model)):
+        fold_channel_scales(ln, nxt, round_zero_point)
+        n += 1
+    return n

@@ -1,0 +1,86 @@
+"""Experiment drivers shared by notebooks, benchmarks and the CLI (notebooks only orchestrate)."""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calib.pipeline import quantize
+from .evaluate import compare_to_fp
+from .paper import paper_top1
+
+
+def run_grid(
+    model: nn.Module,
+    calib: torch.Tensor,
+    test_loader: Iterable,
+    methods: Sequence[str],
+    bit_settings: Sequence[tuple[int, int]] = ((3, 3), (4, 4), (6, 6)),
+    iters: int | None = None,
+    seeds: Sequence[int] = (0,),
+    progress: bool = False,
+    **quantize_kw: Any,
+) -> list[dict[str, Any]]:
+    """Quantize ``model`` with every method x bit setting x seed; one record per run with FP and
+    quantized top-1, top-1 agreement with FP, KL(FP || quantized), wall time, peak RSS and the
+    paper's DeiT-S number for orientation."""
+    batches = list(test_loader)
+    records = []
+    for method in methods:
+        for wb, ab in bit_settings:
+            for seed in seeds:
+                t0 = time.perf_counter()
+                res = quantize(model, method, wb, ab, calib, iters=iters, seed=seed, progress=progress, **quantize_kw)
+                wall = time.perf_counter() - t0
+                cmp = compare_to_fp(model, res.model, batches, progress=False)
+                records.append({
+                    "method": method, "w_bits": wb, "a_bits": ab, "seed": seed, "iters": res.config["iters"],
+                    "calib_images": res.config["calib_images"], **cmp, "wall_s": wall, "stage_s": dict(res.timings),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "paper_deit_s_top1": paper_top1(method, wb, ab),
+                })  # fmt: skip
+    return records
+
+
+def sos_snapshots(
+    model: nn.Module,
+    calib: torch.Tensor,
+    w_bits: int = 4,
+    a_bits: int = 4,
+    iters: int | None = None,
+    method: str = "isvit",
+    **kw: Any,
+) -> tuple[dict[str, nn.Module], Any]:
+    """Run I&S-ViT and keep a copy of the quantized model after each stage (``calibrated``,
+    ``stage1``, ``stage2``, ``stage3``). Returns ``(snapshots, QuantResult)``."""
+    snaps: dict[str, nn.Module] = {}
+    res = quantize(
+        model,
+        method,
+        w_bits,
+        a_bits,
+        calib,
+        iters=iters,
+        callbacks=lambda stage, m: snaps.__setitem__(stage, copy.deepcopy(m).eval()),
+        **kw,
+    )
+    return snaps, res
+
+
+def markdown_table(records: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    """Render records as a Markdown table (floats to 4 significant digits)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in records]
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Model factory: the embedded Fashion-MNIST models and the paper's timm ViT/DeiT/Swin models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .embedded import disable_fused_attention, load_embedded
+from .embedded_arch import EMBEDDED_ARCH, build_embedded_arch
+
+#: The seven models of the paper's Table 1, with their FP top-1 (%) as reported there.
+PAPER_MODELS: dict[str, float] = {
+    "vit_small_patch16_224": 81.39,
+    "vit_base_patch16_224": 84.54,
+    "deit_tiny_patch16_224": 72.21,
+    "deit_small_patch16_224": 79.85,
+    "deit_base_patch16_224": 81.80,
+    "swin_small_patch4_window7_224": 83.23,
+    "swin_base_patch4_window7_224": 85.27,
+}
+#: Further timm models the official code accepts (no paper numbers).
+EXTRA_MODELS = ("vit_tiny_patch16_224", "swin_tiny_patch4_window7_224")
+EMBEDDED_MODELS = tuple(f"embedded-{k}" for k in EMBEDDED_ARCH)
+
+
+def available_models() -> list[str]:
+    return [*EMBEDDED_MODELS, *PAPER_MODELS, *EXTRA_MODELS]
+
+
+def create(name: str, weights: str | Path | None = None, **timm_kwargs: Any) -> nn.Module:
+    """Create a model ready for quantization (eval mode, unfused attention).
+
+    Args:
+        name: ``embedded-vit`` / ``embedded-swin`` (trained weights shipped in the package) or one of
+            the paper's timm names (``deit_small_patch16_224``, ...; see :func:`available_models`).
+        weights: for timm models: ``None`` (random init: structure tests and timing only), ``"timm"``
+            (timm's own pretrained download; needs network access), or a local weight file
+            (``.safetensors`` / ``.pth`` / ``.bin``) as downloaded from the Hugging Face hub.
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``).
+    """
+    if name in EMBEDDED_MODELS:
+        if weights is not None:
+            raise ValueError(f"{name} ships its own weights; do not pass weights=")
+        model, _ = load_embedded(name.split("-", 1)[1])
+        return model
+    if name not in PAPER_MODELS and name not in EXTRA_MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {available_models()}")
+    import timm
+
+    if weights is None:
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    elif weights == "timm":
+        model = timm.create_model(name, pretrained=True, **timm_kwargs)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **timm_kwargs)
+        except Exception as e:  # timm raises several types for mismatched or damaged files
+            raise ValueError(f"cannot load weights {path} into {name}: {e}") from e
+    model.isvit_build_spec = {"kind": "timm", "name": name, "kwargs": dict(timm_kwargs)}  # type: ignore[attr-defined]
+    return disable_fused_attention(model).eval()
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild an (untrained) FP architecture from a ``isvit_build_spec`` record."""
+    if spec.get("kind") == "embedded":
+        model = disable_fused_attention(build_embedded_arch(spec["name"])).eval()
+        model.isvit_build_spec = dict(spec)  # type: ignore[attr-defined]
+        return model
+    if spec.get("kind") == "timm":
+        return create(spec["name"], None, **spec.get("kwargs", {}))
+    raise ValueError(f"unknown build spec {spec!r}")
+
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "EXTRA_MODELS",
+    "PAPER_MODELS",
+    "available_models",
+    "build_embedded_arch",
+    "build_from_spec",
+    "create",
+    "disable_fused_attention",
+    "load_embedded",
+]

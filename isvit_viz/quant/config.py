@@ -1,0 +1,58 @@
+"""Typed description of *how* a model is quantized (which quantizer for which tensor role)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .base import check_bits
+from .registry import QUANTIZERS
+
+SOFTMAX_QUANTIZERS = ("sulq", "log2", "logsqrt2", "uniform", "twin_uniform", "adalog")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantizer placement for a timm ViT/DeiT/Swin (method.md 2.1).
+
+    Attributes:
+        w_bits / a_bits: weight and activation bit-widths (2..16).
+        softmax: quantizer of the post-softmax operand of ``P @ V`` (a name from ``QUANTIZERS``).
+        softmax_kwargs: extra constructor arguments, e.g. ``{"mode": "official"}`` for SULQ.
+        post_ln: ``"channel"`` (per-channel inputs of qkv/fc1, SOS stage 1) or ``"layer"``.
+        post_gelu: quantizer of the fc2 input: ``"uniform"`` or ``"twin_uniform"`` (PTQ4ViT).
+        weight_granularity: ``"channel"`` (per output row, the paper) or ``"tensor"``.
+        act_init / weight_init: ``"percentile_mse"`` (official) or ``"minmax"``.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    softmax: str = "sulq"
+    softmax_kwargs: dict[str, Any] = field(default_factory=dict)
+    post_ln: str = "channel"
+    post_gelu: str = "uniform"
+    weight_granularity: str = "channel"
+    act_init: str = "percentile_mse"
+    weight_init: str = "percentile_mse"
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits)
+        check_bits(self.a_bits)
+        if self.softmax not in QUANTIZERS:
+            raise ValueError(f"unknown softmax quantizer {self.softmax!r}; valid: {sorted(QUANTIZERS)}")
+        for name, val, ok in (
+            ("post_ln", self.post_ln, ("channel", "layer")),
+            ("post_gelu", self.post_gelu, ("uniform", "twin_uniform")),
+            ("weight_granularity", self.weight_granularity, ("channel", "tensor")),
+            ("act_init", self.act_init, ("percentile_mse", "minmax")),
+            ("weight_init", self.weight_init, ("percentile_mse", "minmax")),
+        ):
+            if val not in ok:
+                raise ValueError(f"{name} must be one of {ok}, got {val!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        return cls(**d)

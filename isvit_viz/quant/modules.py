@@ -1,0 +1,161 @@
+"""Quant-aware replacements for timm layers; they share (not copy) the original parameters.
+
+Each module carries its quantizers and two switches, ``weight_quant`` and ``act_quant``; with both off
+it computes exactly what the timm layer computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Quantizer
+
+
+class QuantModule(nn.Module):
+    """Mixin state: quantization switches."""
+
+    weight_quant: bool = False
+    act_quant: bool = False
+
+
+class QuantLinear(QuantModule):
+    """``nn.Linear`` with an optional input quantizer and a weight quantizer.
+
+    Shapes: input [..., in_features] -> output [..., out_features]. The weight quantizer is usually
+    per output row (``channel_axis=0``).
+    """
+
+    def __init__(self, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Quantizer | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        # Adds QDrop-style stochastic dropping of activation quantization during reconstruction.
+        self.act_drop_prob = 0.0
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight) if self.weight_quant else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant and self.input_quantizer is not None:
+            xq = self.input_quantizer(x)
+            if self.act_drop_prob > 0:
+                keep_fp = torch.rand_like(x) < self.act_drop_prob
+                xq = torch.where(keep_fp, x, xq)
+            x = xq
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w_quant={self.weight_quant}, a_quant={self.act_quant}"
+
+
+class QuantConv2d(QuantModule):
+    """Patch-embedding ``nn.Conv2d`` with a weight quantizer (the input image stays FP, as the paper)."""
+
+    def __init__(self, conv: nn.Conv2d, weight_quantizer: Quantizer) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = conv.kernel_size
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight) if self.weight_quant else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantMatMul(QuantModule):
+    """``a @ b`` with both operands fake-quantized (attention: Q @ K^T and P @ V)."""
+
+    def __init__(self, quantizer_a: Quantizer, quantizer_b: Quantizer) -> None:
+        super().__init__()
+        self.quantizer_a = quantizer_a
+        self.quantizer_b = quantizer_b
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.act_quant:
+            a, b = self.quantizer_a(a), self.quantizer_b(b)
+        return a @ b
+
+
+class QuantAttention(nn.Module):
+    """timm ``Attention`` (ViT/DeiT) with its two matmuls routed through :class:`QuantMatMul`.
+
+    Reuses the timm module's sub-modules (``qkv``, ``proj``, norms, dropouts) so parameter names are
+    unchanged. The post-softmax map passes through ``attn_drop`` (identity in eval), so forward hooks
+    on ``attn_drop`` capture attention probabilities exactly as on the FP timm model.
+    """
+
+    def __init__(self, attn: nn.Module, matmul1: QuantMatMul, matmul2: QuantMatMul) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
+            setattr(self, name, getattr(attn, name))
+        self.gate = getattr(attn, "gate", None)
+        self.matmul1, self.matmul2 = matmul1, matmul2
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        # Scale after matmul1, as the official code does for ViT/DeiT: Q and K are quantized unscaled.
+        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
+        if attn_mask is not None:
+            attn = attn + attn_mask if attn_mask.dtype != torch.bool else attn.masked_fill(~attn_mask, float("-inf"))
+        if is_causal:
+            causal = torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1)
+            attn = attn.masked_fill(causal, float("-inf"))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.matmul2(attn, v)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(nn.Module):
+    """timm Swin ``WindowAttention`` with quantized matmuls; relative-position bias and masks stay FP."""
+
+    def __init__(self, attn: nn.Module, matmul1: QuantMatMul, matmul2: QuantMatMul) -> None:
+        super().__init__()
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.window_size, self.window_area = attn.window_size, attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        for name in ("qkv", "attn_drop", "proj", "proj_drop", "softmax"):
+            setattr(self, name, getattr(attn, name))
+        self.matmul1, self.matmul2 = matmul1, matmul2
+
+    def _get_rel_pos_bias(self) -> torch.Tensor:
+        idx = self.relative_position_index.view(-1)
+        bias = self.relative_position_bias_table[idx].view(self.window_area, self.window_area, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = q * self.scale  # timm semantics for Swin: scale before matmul1 (as the official code)
+        attn = self.matmul1(q, k.transpose(-2, -1)) + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = self.matmul2(attn, v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))

@@ -1,0 +1,221 @@
+"""Asymmetric (or symmetric) uniform quantizer with the official percentile-MSE initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Quantizer, rnd
+
+#: Percentile candidates of the official code (method.md 2.1).
+ACT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+WEIGHT_PERCENTILES: tuple[float, ...] = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999)
+_MIN_SCALE = 1e-8
+
+
+def rowwise_quantiles(x2d: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
+    """Quantiles of each row of ``x2d`` ([C, M]) with torch.quantile's linear interpolation.
+
+    Uses ``topk`` on both tails instead of a full sort or ``torch.quantile``: only the extreme
+    ``(1 - q) * M`` values are needed for high quantiles, so cost and memory stay near O(C * M) and
+    there is no input-size limit. Returns [len(qs), C].
+    """
+    c, m = x2d.shape
+    out = torch.empty(len(qs), c, dtype=x2d.dtype, device=x2d.device)
+    hi_qs = [(i, q) for i, q in enumerate(qs) if q >= 0.5]
+    lo_qs = [(i, q) for i, q in enumerate(qs) if q < 0.5]
+    for group, largest in ((hi_qs, True), (lo_qs, False)):
+        if not group:
+            continue
+        # ascending positions pos = q (M - 1); from the top, the needed depth is M - floor(pos)
+        # positions computed in the input dtype, exactly as torch.quantile does (bit-identical results)
+        pos_t = torch.tensor([q for _, q in group], dtype=x2d.dtype) * (m - 1)
+        los = [int(v) for v in torch.floor(pos_t)]
+        depths = [m - lo if largest else lo + 2 for lo in los]
+        k = min(m, max(depths))
+        vals = torch.topk(x2d, k, dim=1, largest=largest, sorted=True).values  # [C, k]
+        for (i, _), pos, lo in zip(group, pos_t, los):
+            hi = min(lo + 1, m - 1)
+            frac = float(pos - lo)
+            if largest:
+                v_lo, v_hi = vals[:, m - 1 - lo], vals[:, m - 1 - hi]
+            else:
+                v_lo, v_hi = vals[:, lo], vals[:, min(hi, k - 1)]
+            out[i] = torch.lerp(v_lo, v_hi, torch.full_like(v_lo, frac))
+    return out
+
+
+def percentile_mse_search(
+    x2d: torch.Tensor, bits: int, percentiles: Sequence[float], symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (channel) percentile clipping chosen by MSE, vectorised over rows.
+
+    For each candidate p: clip range [quantile(1-p), quantile(p)], scale = range / (2^b - 1),
+    zero-point = round(-min / scale); keep the candidate with the lowest mean squared error per row
+    (first candidate wins ties, as in the official code). ``x2d``: [C, M]. Returns (scale, zp), each [C].
+    """
+    qmax = 2**bits - 1
+    qs = list(percentiles) + [1 - p for p in percentiles]
+    quant = rowwise_quantiles(x2d, qs)
+    n = len(percentiles)
+    best_err = best_s = best_z = None
+    for i in range(n):
+        hi, lo = quant[i], quant[n + i]
+        s, z = _scale_zp(lo, hi, bits, symmetric)
+        xq = (torch.clamp(torch.round(x2d / s[:, None]) + z[:, None], 0, qmax) - z[:, None]) * s[:, None]
+        err = (x2d - xq).pow_(2).mean(1)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _scale_zp(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    qmax = 2**bits - 1
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        s = (amax / (2 ** (bits - 1) - 1 if bits > 1 else 1)).clamp_min(_MIN_SCALE)
+        z = torch.full_like(s, 2 ** (bits - 1))
+    else:
+        s = ((hi - lo) / qmax).clamp_min(_MIN_SCALE)
+        z = torch.round(-lo / s)
+    return s, z
+
+
+class _UniformFakeQuant(torch.autograd.Function):
+    """Fused uniform fake-quant with the straight-through gradient of the official code.
+
+    Same values as ``(clamp(round_ste(x/s) + z, 0, qmax) - z) * s``. The backward passes the gradient
+    where the unclamped code lies strictly inside (0, qmax), which is what autograd gives for that
+    expression here (checked in tests), and keeps one bool mask instead of the autograd graph of six
+    element-wise ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+        code = torch.round(x / scale).add_(zero_point)
+        mask = (code > 0) & (code < qmax)  # torch.clamp passes no gradient at the bounds themselves
+        ctx.save_for_backward(mask)
+        return code.clamp_(0, qmax).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None
+
+
+class UniformQuantizer(Quantizer):
+    """Uniform affine quantizer: ``x_hat = (clamp(round(x/s) + z, 0, 2^b - 1) - z) * s``.
+
+    Args:
+        bits: bit-width b (2..16).
+        channel_axis: ``None`` for one (scale, zero-point) per tensor, else the axis whose entries get
+            their own parameters (e.g. ``0`` for weight output rows, ``-1`` for activation channels).
+        symmetric: zero-point fixed at 2^(b-1) and scale from max |x| (default asymmetric, as the paper).
+        init: ``"percentile_mse"`` (the official search) or ``"minmax"``.
+        percentiles: candidate list for the search; default the official activation list
+            ``ACT_PERCENTILES`` (use ``WEIGHT_PERCENTILES`` for weights).
+    """
+
+    name = "uniform"
+
+    def __init__(
+        self,
+        bits: int,
+        channel_axis: int | None = None,
+        symmetric: bool = False,
+        init: str = "percentile_mse",
+        percentiles: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(bits)
+        if init not in ("percentile_mse", "minmax"):
+            raise ValueError(f"init must be 'percentile_mse' or 'minmax', got {init!r}")
+        if channel_axis is not None and (isinstance(channel_axis, bool) or not isinstance(channel_axis, int)):
+            raise ValueError(f"channel_axis must be None or an int, got {channel_axis!r}")
+        pcts = tuple(ACT_PERCENTILES if percentiles is None else percentiles)
+        if not pcts or any(not (0.5 < float(p) <= 1.0) for p in pcts):
+            raise ValueError(f"percentiles must be a non-empty list of values in (0.5, 1], got {percentiles!r}")
+        self.channel_axis = channel_axis
+        self.symmetric = bool(symmetric)
+        self.init = init
+        self.percentiles = tuple(float(p) for p in pcts)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.dim() > 0 and self.scale.numel() > 1 or self.channel_axis is not None
+
+    def _calibrate(self, x: torch.Tensor) -> None:
+        pcts = (1.0,) if self.init == "minmax" else self.percentiles
+        if self.channel_axis is None:
+            s, z = percentile_mse_search(x.reshape(1, -1), self.bits, pcts, self.symmetric)
+            self.scale = s.reshape(())
+            self.zero_point = z.reshape(())
+            return
+        axis = self.channel_axis % x.dim() if x.dim() else 0
+        x2d = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        s, z = percentile_mse_search(x2d, self.bits, pcts, self.symmetric)
+        shape = [1] * x.dim()
+        shape[axis] = x.shape[axis]
+        self.scale = s.reshape(shape)
+        self.zero_point = z.reshape(shape)
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor, channel_axis: int | None = None) -> None:
+        """Set (scale, zero-point) directly, e.g. after the channel-wise -> layer-wise transition."""
+        self.channel_axis = channel_axis
+        self.scale = scale.detach().clone().to(self.initialized.device, torch.float32)
+        self.zero_point = zero_point.detach().clone().to(self.initialized.device, torch.float32)
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrate_on_next_forward or not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        self._check_ready()
+        return _UniformFakeQuant.apply(x, self.scale, self.zero_point, self.qmax)
+
+    def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
+        return torch.clamp(rnd(x / self.scale, ste) + self.zero_point, 0, self.qmax)
+
+    def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes - self.zero_point) * self.scale
+
+    @property
+    def has_integer_zero_point(self) -> bool:
+        return bool(torch.all(self.zero_point == torch.round(self.zero_point)))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_integer_zero_point:
+            # The official reparameterization keeps mean(z) as zero-point; codes are then not integers.
+            raise ValueError(
+                "encode/decode need an integer zero-point; this quantizer has a fractional one "
+                "(official-mode reparameterization). forward() is still exact."
+            )
+        return super().encode(x)
+
+    def _dequant_all_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.scale.dim() == 0:
+            return self._dequant(codes)
+        # one row of levels per channel: [n_codes, C]
+        return (codes[:, None] - self.zero_point.flatten()[None]) * self.scale.flatten()[None]
+
+    def channel_levels(self, channel: int) -> torch.Tensor:
+        """Sorted levels of one channel of a per-channel quantizer."""
+        self._check_ready()
+        s, z = self.scale.flatten(), self.zero_point.flatten()
+        if not 0 <= channel < s.numel():
+            raise ValueError(f"channel must be in [0, {s.numel() - 1}], got {channel}")
+        codes = torch.arange(self.n_codes, dtype=torch.float32, device=s.device)
+        return torch.unique((codes - z[channel]) * s[channel])
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channel_axis={self.channel_axis}, symmetric={self.symmetric}, init={self.init!r}"

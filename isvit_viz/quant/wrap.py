@@ -1,0 +1,181 @@
+"""Swap timm ViT/DeiT/Swin layers for quant-aware modules (in place, no global monkeypatching)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .base import Quantizer
+from .config import QuantConfig
+from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantModule, QuantWindowAttention
+from .registry import make_quantizer
+from .twin_uniform import TwinUniformQuantizer
+from .uniform import WEIGHT_PERCENTILES, UniformQuantizer
+
+#: Roles of linear layers by their attribute name (method.md 2.1).
+POST_LN_LINEARS = ("qkv", "fc1")
+
+
+def _timm_classes() -> tuple[type, type, type, type]:
+    from timm.layers import Attention
+    from timm.models.swin_transformer import SwinTransformer, WindowAttention
+    from timm.models.vision_transformer import VisionTransformer
+
+    return Attention, WindowAttention, VisionTransformer, SwinTransformer
+
+
+def supported_model(model: nn.Module) -> str:
+    """Return ``"vit"`` or ``"swin"`` for supported timm models, else raise ``ValueError``."""
+    _, _, ViT, Swin = _timm_classes()
+    if isinstance(model, ViT):
+        return "vit"
+    if isinstance(model, Swin):
+        return "swin"
+    raise ValueError(
+        f"unsupported model class {type(model).__name__}: isvit_viz quantizes timm VisionTransformer "
+        "(ViT/DeiT) and SwinTransformer models"
+    )
+
+
+def _act_quantizer(cfg: QuantConfig, channel_wise: bool = False) -> UniformQuantizer:
+    return UniformQuantizer(cfg.a_bits, channel_axis=-1 if channel_wise else None, init=cfg.act_init)
+
+
+def _weight_quantizer(cfg: QuantConfig) -> UniformQuantizer:
+    axis = 0 if cfg.weight_granularity == "channel" else None
+    return UniformQuantizer(cfg.w_bits, channel_axis=axis, init=cfg.weight_init, percentiles=WEIGHT_PERCENTILES)
+
+
+def _softmax_quantizer(cfg: QuantConfig) -> Quantizer:
+    if cfg.softmax == "uniform":
+        return UniformQuantizer(cfg.a_bits, init=cfg.act_init, **cfg.softmax_kwargs)
+    if cfg.softmax == "twin_uniform":
+        return TwinUniformQuantizer(cfg.a_bits, kind="softmax", **cfg.softmax_kwargs)
+    return make_quantizer(cfg.softmax, cfg.a_bits, **cfg.softmax_kwargs)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, new)
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Replace the layers of a timm ViT/DeiT/Swin in place by quant-aware modules; returns ``model``.
+
+    Placement (method.md 2.1): every ``nn.Linear`` (qkv, proj, fc1, fc2, head, Swin reduction) gets a
+    weight quantizer and an input quantizer (channel-wise for qkv/fc1 when ``cfg.post_ln ==
+    "channel"``; ``cfg.post_gelu`` for fc2); the patch-embedding conv gets a weight quantizer only; both
+    attention matmuls get operand quantizers, with ``cfg.softmax`` on the post-softmax operand.
+    Quantization starts switched off (see :func:`set_quant_state`), so the model still computes FP.
+
+    Raises:
+        ValueError: for unsupported model classes or layers, naming the module path.
+    """
+    Attention, WindowAttention, _, _ = _timm_classes()
+    kind = supported_model(model)
+    # Validate everything before changing anything.
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if isinstance(mod, (QuantModule, QuantAttention, QuantWindowAttention)):
+            raise ValueError(f"model is already quantized (found {cls} at {name!r})")
+        if "Attention" in cls and not isinstance(mod, (Attention, WindowAttention)):
+            raise ValueError(f"unsupported attention module {cls} at {name!r}")
+        if type(mod) is Attention and (not isinstance(mod.q_norm, nn.Identity) or getattr(mod, "gate", None) is not None):
+            pass  # q/k norms and gates stay FP; the matmuls are still quantized
+        if isinstance(mod, nn.Conv2d) and not name.endswith("patch_embed.proj"):
+            raise ValueError(f"unsupported convolution at {name!r}: only the patch-embedding conv is handled")
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, (Attention, WindowAttention)):
+            mm1 = QuantMatMul(_act_quantizer(cfg), _act_quantizer(cfg))
+            mm2 = QuantMatMul(_softmax_quantizer(cfg), _act_quantizer(cfg))
+            if isinstance(mod, Attention):
+                mod.fused_attn = False
+                new: nn.Module = QuantAttention(mod, mm1, mm2)
+            else:
+                new = QuantWindowAttention(mod, mm1, mm2)
+            _set_submodule(model, name, new)
+    for name, mod in list(model.named_modules()):
+        leaf = name.rpartition(".")[2]
+        if isinstance(mod, nn.Linear):
+            if leaf in POST_LN_LINEARS:
+                aq: Quantizer = _act_quantizer(cfg, channel_wise=cfg.post_ln == "channel")
+            elif leaf == "fc2" and cfg.post_gelu == "twin_uniform":
+                aq = TwinUniformQuantizer(cfg.a_bits, kind="gelu")
+            else:
+                aq = _act_quantizer(cfg)
+            _set_submodule(model, name, QuantLinear(mod, _weight_quantizer(cfg), aq))
+        elif isinstance(mod, nn.Conv2d):
+            _set_submodule(model, name, QuantConv2d(mod, _weight_quantizer(cfg)))
+    model.isvit_quant_kind = kind  # type: ignore[attr-defined]
+    return model
+
+
+def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModule):
+            yield name, mod
+
+
+def set_quant_state(model: nn.Module, weight: bool, act: bool) -> None:
+    """Switch weight and activation fake-quantization on or off for every quant module."""
+    for _, mod in quant_modules(model):
+        mod.weight_quant = bool(weight)
+        mod.act_quant = bool(act)
+
+
+@contextmanager
+def quant_state(model: nn.Module, weight: bool, act: bool) -> Iterator[None]:
+    """Context manager version of :func:`set_quant_state` that restores the previous switches."""
+    saved = [(m, m.weight_quant, m.act_quant) for _, m in quant_modules(model)]
+    set_quant_state(model, weight, act)
+    try:
+        yield
+    finally:
+        for m, w, a in saved:
+            m.weight_quant, m.act_quant = w, a
+
+
+def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """All activation quantizers with their qualified names (``<module>.input_quantizer`` etc.)."""
+    for name, mod in quant_modules(model):
+        if isinstance(mod, QuantLinear) and mod.input_quantizer is not None:
+            yield f"{name}.input_quantizer", mod.input_quantizer
+        elif isinstance(mod, QuantMatMul):
+            yield f"{name}.quantizer_a", mod.quantizer_a
+            yield f"{name}.quantizer_b", mod.quantizer_b
+
+
+def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, QuantLinear | QuantConv2d]]:
+    for name, mod in quant_modules(model):
+        if isinstance(mod, (QuantLinear, QuantConv2d)):
+            yield name, mod
+
+
+@torch.no_grad()
+def calibrate_weights(model: nn.Module) -> None:
+    """Initialise every weight quantizer on its (current) weight tensor."""
+    for _, mod in weight_quantizers(model):
+        mod.weight_quantizer.calibrate(mod.weight.detach())
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, images: torch.Tensor) -> None:
+    """Initialise all activation quantizers with one forward pass of ``images`` (official: 64 images).
+
+    Quantizers are calibrated in forward order on their first input, with activation quantization on,
+    so each one sees the already-quantized outputs of the layers before it (as the official code).
+    Weight quantization keeps its current switch.
+    """
+    for _, q in activation_quantizers(model):
+        q.calibrate_on_next_forward = True
+    try:
+        with quant_state(model, weight=any(m.weight_quant for _, m in quant_modules(model)), act=True):
+            model(images)
+    finally:
+        for _, q in activation_quantizers(model):
+            q.calibrate_on_next_forward = False
