@@ -110,6 +110,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     res = iv.quantize(
         model.to(device), args.method, args.w_bits, args.a_bits, calib_x, iters=args.iters, device=device, seed=args.seed,
         checkpoint_dir=(out / "checkpoint") if out is not None else None, progress=not args.quiet,
+        matmul_dtype=getattr(args, "matmul_dtype", "float32"),
     )  # fmt: skip
     wall = time.perf_counter() - t0
     cmp = compare_to_fp(model, res.model, test_loader, device, progress=not args.quiet)
@@ -119,6 +120,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "q_top1": cmp["q_top1"], "agree_top1": cmp["agree_top1"], "kl_to_fp": cmp["kl_to_fp"], "test_images": cmp["n"],
         "wall_s": round(wall, 2), "stage_s": {k: round(v, 2) for k, v in res.timings.items()},
         "peak_rss_mb": _peak_rss_mb(), "device": str(device), "seed": args.seed, "version": __version__,
+        "matmul_dtype": getattr(args, "matmul_dtype", "float32"),
     }  # fmt: skip
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--threads", type=_positive_int, default=2)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--matmul-dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: faster reconstruction matmuls"
+    )
     q.add_argument("--out", default=None, help="folder for results.json (and model.pt with --save-model)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     q.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")

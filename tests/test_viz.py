@@ -186,3 +186,14 @@ def test_sulq_levels_on_real_shift():
     q = SULQ(4, eta=1e-4).calibrate(torch.tensor([0.0, 1.0]))
     fig = viz.plot_attention_histogram(torch.rand(1000) ** 6, quantizer=q)
     assert fig.axes[0].get_xscale() == "log"
+
+
+def test_landscape_bits_explorer_redraws(vit, images):
+    box = viz.landscape_bits_explorer(vit, images[:32], block=1, bits=3, eta=1e-2, steps=3)
+    sliders = {w.description: w for w in box.children[0].children}
+    first = box.children[1].value
+    assert "bits=3" in first
+    sliders["bits"].value = 6
+    assert "bits=6" in box.children[1].value and box.children[1].value != first
+    sliders["shift eta"].value = 1e-4
+    assert "eta=0.0001" in box.children[1].value

@@ -213,3 +213,17 @@ def test_fp_model_left_unchanged(images):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     iv.quantize(m, "isvit", 4, 4, images[:64], iters=2, batch_size=32, progress=False)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_bf16_matmul_reconstruction_option(images):
+    ref = iv.quantize(small("vit"), "isvit", 4, 4, images[:64], iters=3, batch_size=32, progress=False)
+    res = iv.quantize(small("vit"), "isvit", 4, 4, images[:64], iters=3, batch_size=32, progress=False, matmul_dtype="bfloat16")
+    assert res.config["matmul_dtype"] == "bfloat16"
+    # the returned model evaluates in fp32 again
+    assert all(getattr(m, "matmul_dtype", None) is None for m in res.model.modules())
+    with torch.no_grad():
+        a, b = ref.model(images), res.model(images)
+    assert torch.isfinite(b).all()
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.8
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        iv.quantize(small("vit"), "isvit", 4, 4, images[:64], iters=1, batch_size=32, progress=False, matmul_dtype="fp8")

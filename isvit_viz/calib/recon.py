@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantLinear, QuantModule
 from .cache import TensorCache
 
 
@@ -20,6 +20,7 @@ class ReconConfig:
     batch_size: int = 64
     lr: float = 4e-5
     act_drop_prob: float = 0.0  # QDrop: probability of keeping an activation FP during reconstruction
+    matmul_dtype: str = "float32"  # "bfloat16": matmuls in bf16 during reconstruction only (speed option)
 
     def __post_init__(self) -> None:
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
@@ -28,6 +29,8 @@ class ReconConfig:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
         if not 0.0 <= self.act_drop_prob < 1.0:
             raise ValueError(f"act_drop_prob must be in [0, 1), got {self.act_drop_prob!r}")
 
@@ -80,12 +83,16 @@ def reconstruct_unit(
     params = trainable_parameters(unit)
     saved = [(p, p.requires_grad) for p in unit.parameters()]
     quant_layers = [m for m in unit.modules() if isinstance(m, QuantLinear)]
+    mm_layers = [m for m in unit.modules() if isinstance(m, QuantModule)]
+    mm_dtype = None if cfg.matmul_dtype == "float32" else getattr(torch, cfg.matmul_dtype)
     for p in unit.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     for m in quant_layers:
         m.act_drop_prob = cfg.act_drop_prob
+    for m in mm_layers:
+        m.matmul_dtype = mm_dtype
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
     first = last = float("nan")
@@ -107,4 +114,6 @@ def reconstruct_unit(
             p.requires_grad_(rg)
         for m in quant_layers:
             m.act_drop_prob = 0.0
+        for m in mm_layers:
+            m.matmul_dtype = None
     return {"loss_first": first, "loss_last": last}

@@ -14,10 +14,22 @@ from .base import Quantizer
 
 
 class QuantModule(nn.Module):
-    """Mixin state: quantization switches."""
+    """Mixin state: quantization switches, and an optional reduced-precision matmul dtype.
+
+    ``matmul_dtype=torch.bfloat16`` runs only the matrix products in bf16 (fp32 accumulation) while
+    quantizers, norms and softmax stay fp32: a reconstruction speed option (AMX/tensor cores), off by
+    default. Fake-quantized operands with <= 8-bit codes lose only their scale's low bits in bf16.
+    """
 
     weight_quant: bool = False
     act_quant: bool = False
+    matmul_dtype: torch.dtype | None = None
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None:
+        return F.linear(x, w, b)
+    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)).to(x.dtype)
 
 
 class QuantLinear(QuantModule):
@@ -47,7 +59,7 @@ class QuantLinear(QuantModule):
                 keep_fp = torch.rand_like(x) < self.act_drop_prob
                 xq = torch.where(keep_fp, x, xq)
             x = xq
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return _linear(x, self.quantized_weight(), self.bias, self.matmul_dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w_quant={self.weight_quant}, a_quant={self.act_quant}"
@@ -86,6 +98,8 @@ class QuantMatMul(QuantModule):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
             a, b = self.quantizer_a(a), self.quantizer_b(b)
+        if self.matmul_dtype is not None:
+            return (a.to(self.matmul_dtype) @ b.to(self.matmul_dtype)).to(a.dtype)
         return a @ b
 
 

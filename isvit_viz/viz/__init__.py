@@ -2,7 +2,16 @@
 level coverage, loss landscapes, and ipywidgets explorers."""
 
 from .attention import AttentionStats, attention_modules, capture_attention
-from .landscape import FIG3_CONFIGS, Landscape, block_landscape, fig3_models, linear_path, model_landscape, plot_landscape
+from .landscape import (
+    FIG3_CONFIGS,
+    Landscape,
+    block_landscape,
+    fig3_models,
+    landscape_for_setting,
+    linear_path,
+    model_landscape,
+    plot_landscape,
+)
 from .plots import (
     coverage_table,
     plot_attention_histogram,
@@ -13,7 +22,7 @@ from .plots import (
     quantizer_for,
     save_figure,
 )
-from .widgets import explore_quantizer, landscape_explorer, quantizer_explorer
+from .widgets import explore_quantizer, landscape_bits_explorer, landscape_explorer, quantizer_explorer
 
 __all__ = [
     "FIG3_CONFIGS",
@@ -25,7 +34,9 @@ __all__ = [
     "coverage_table",
     "explore_quantizer",
     "fig3_models",
+    "landscape_bits_explorer",
     "landscape_explorer",
+    "landscape_for_setting",
     "linear_path",
     "model_landscape",
     "plot_attention_histogram",

@@ -158,6 +158,28 @@ def fig3_models(fp_model: nn.Module, images: torch.Tensor, bits: int = 4, init_i
     return out
 
 
+def landscape_for_setting(
+    fp_model: nn.Module,
+    images: torch.Tensor,
+    block: int,
+    bits: int = 4,
+    eta: float | None = None,
+    steps: int = 7,
+    extent: float = 0.5,
+    seed: int = 0,
+) -> Landscape:
+    """Block-local landscape of configuration (c) (FP weights, channel-wise post-LN activations) at
+    activation bit-width ``bits`` with SULQ shift ``eta`` (``None``: searched). Used by the
+    bit-width / shift explorer of notebook 02."""
+    kw = {"mode": "paper"} if eta is None else {"mode": "paper", "eta": eta}
+    q = quantize_model(copy.deepcopy(fp_model), QuantConfig(w_bits=bits, a_bits=bits, softmax="sulq", softmax_kwargs=kw)).eval()
+    set_quant_state(q, weight=False, act=True)
+    calibrate_activations(q, images[:64])
+    land = block_landscape(q, fp_model, block, images, extent=extent, steps=steps, seed=seed)
+    land.meta.update({"bits": bits, "eta": eta})
+    return land
+
+
 def _block_io(
     model: nn.Module, block: nn.Module, images: torch.Tensor, batch_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 from ..quant import coverage
 from .attention import AttentionStats
-from .landscape import Landscape, plot_landscape
+from .landscape import Landscape, landscape_for_setting, plot_landscape
 from .plots import plot_attention_histogram, quantizer_for
 
 EXPLORER_QUANTIZERS = ("sulq", "log2", "uniform", "logsqrt2", "twin_uniform", "adalog")
@@ -99,5 +99,37 @@ def landscape_explorer(landscapes: Mapping[tuple[int, str, str], Landscape], log
         w.observe(redraw, names="value")
     redraw()
     box = W.VBox([W.HBox([w_block, w_stage, w_cfg]), out])
+    box.redraw = redraw  # type: ignore[attr-defined]
+    return box
+
+
+def landscape_bits_explorer(
+    fp_model: Any, images: torch.Tensor, block: int = 0, bits: int = 4, eta: float = 1e-3, steps: int = 7, extent: float = 0.5
+):
+    """Sliders for activation bit-width (2-8) and the SULQ shift eta: recompute and redraw the
+    block-local landscape of configuration (c) for block ``block`` (a few seconds per change)."""
+    import ipywidgets as W
+    from IPython.display import display
+
+    w_bits = W.IntSlider(value=bits, min=2, max=8, description="bits", continuous_update=False)
+    w_eta = W.FloatLogSlider(
+        value=eta, base=10, min=-6, max=0, step=0.25, description="shift eta", readout_format=".1e", continuous_update=False
+    )
+    readout = W.HTML()
+    out = W.Output()
+
+    def redraw(*_: Any) -> None:
+        land = landscape_for_setting(fp_model, images, block, w_bits.value, w_eta.value, steps, extent)
+        text = f"RESULT landscape bits={w_bits.value} eta={w_eta.value:.3g} centre={land.center:.5g} max={land.Z.max():.5g}"
+        readout.value = f"<code>{text}</code>"
+        with out:
+            out.clear_output(wait=True)
+            display(plot_landscape(land, title=f"block {block}, {w_bits.value}-bit activations, eta={w_eta.value:.1e}", log=True))
+            print(text)
+
+    for w in (w_bits, w_eta):
+        w.observe(redraw, names="value")
+    redraw()
+    box = W.VBox([W.HBox([w_bits, w_eta]), readout, out])
     box.redraw = redraw  # type: ignore[attr-defined]
     return box
