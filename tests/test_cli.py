@@ -54,3 +54,32 @@ def test_debug_shows_traceback():
 def test_evaluate_subcommand(capsys):
     assert main(["evaluate", "vit", "--n", "100", "--quiet"]) == 0
     assert "embedded-vit" in capsys.readouterr().out
+
+
+def test_reproduce_writes_artefacts(tmp_path):
+    import nbformat
+
+    from isvit_viz.reproduce import reproduce
+
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("FAST = None")
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [
+        p,
+        nbformat.v4.new_code_cell("%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()"),
+        nbformat.v4.new_code_cell(
+            "from IPython.display import Markdown, display\ndisplay(Markdown(f'| fast |\\n|---|\\n| {FAST} |'))"
+        ),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, nbdir / "x.ipynb")
+    out = tmp_path / "run"
+    results = reproduce(out, fast=True, notebook_dir=nbdir)
+    text = results.read_text()
+    assert "x: ok" in text and "| True |" in text  # the injected FAST=True reached the kernel
+    assert (out / "x.ipynb").exists() and (out / "x.html").stat().st_size > 1000
+    assert len(list((out / "figures").glob("x_*.png"))) == 1
+    with pytest.raises(ValueError, match="unknown notebooks"):
+        reproduce(out, notebooks=["nope"], notebook_dir=nbdir)

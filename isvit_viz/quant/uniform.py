@@ -60,11 +60,14 @@ def percentile_mse_search(
     quant = rowwise_quantiles(x2d, qs)
     n = len(percentiles)
     best_err = best_s = best_z = None
+    buf = torch.empty_like(x2d)
     for i in range(n):
         hi, lo = quant[i], quant[n + i]
         s, z = _scale_zp(lo, hi, bits, symmetric)
-        xq = (torch.clamp(torch.round(x2d / s[:, None]) + z[:, None], 0, qmax) - z[:, None]) * s[:, None]
-        err = (x2d - xq).pow_(2).mean(1)
+        sc, zc = s[:, None], z[:, None]
+        # in-place fake-quant and squared error in one buffer (the search is memory-bound)
+        torch.div(x2d, sc, out=buf).round_().add_(zc).clamp_(0, qmax).sub_(zc).mul_(sc).sub_(x2d)
+        err = buf.square_().mean(1)
         if best_err is None:
             best_err, best_s, best_z = err, s, z
         else:

@@ -93,8 +93,11 @@ def browser():
 
 def _run_all(page, url: str, name: str, done_text: str) -> None:
     """Open a notebook, run all cells, wait for the last cell's marker output (screenshot on failure)."""
-    page.goto(f"{url}/lab/tree/{name}?token={TOKEN}")
+    # a fresh workspace per notebook, so no tab of an earlier test is restored and stays the current one
+    ws = name.split(".")[0].replace("_", "-")
+    page.goto(f"{url}/lab/workspaces/{ws}/tree/{name}?token={TOKEN}&reset")
     page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=120_000)
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").first.click()  # focus this notebook
     # the same command as Run > Run All Cells, invoked directly (menu text can collide with notebook text)
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     # the marker is printed by the last cell: look for it in outputs only (the source contains it too)
