@@ -223,9 +223,11 @@ def quantize(
             if not _unit_is_quantized(unit):
                 continue  # nothing quantized here (stage-1 patch embedding): the loss is exactly 0
             t_unit = teacher.get_submodule(name)
-            src_model, src_unit = (teacher, t_unit) if fp_inputs else (qmodel, unit)
-            x_cache, _ = capture_unit_io(src_model, src_unit, images, budget, dev, want_output=False)
-            _, y_cache = capture_unit_io(teacher, t_unit, images, budget, dev, want_input=False)
+            if fp_inputs:  # inputs and targets both from the FP teacher: one pass
+                x_cache, y_cache = capture_unit_io(teacher, t_unit, images, budget, dev)
+            else:
+                x_cache, _ = capture_unit_io(qmodel, unit, images, budget, dev, want_output=False)
+                _, y_cache = capture_unit_io(teacher, t_unit, images, budget, dev, want_input=False)
             try:
                 losses = reconstruct_unit(
                     unit,
