@@ -84,8 +84,6 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             raise ValueError(f"model is already quantized (found {cls} at {name!r})")
         if "Attention" in cls and not isinstance(mod, (Attention, WindowAttention)):
             raise ValueError(f"unsupported attention module {cls} at {name!r}")
-        if type(mod) is Attention and (not isinstance(mod.q_norm, nn.Identity) or getattr(mod, "gate", None) is not None):
-            pass  # q/k norms and gates stay FP; the matmuls are still quantized
         if isinstance(mod, nn.Conv2d) and not name.endswith("patch_embed.proj"):
             raise ValueError(f"unsupported convolution at {name!r}: only the patch-embedding conv is handled")
 
