@@ -9,31 +9,22 @@ Source: Debian package ``dataset-fashion-mnist`` (MIT licence, Zalando Research)
 
 from __future__ import annotations
 
-import gzip
+import sys
 from pathlib import Path
 
 import numpy as np
 
-SRC = Path("/usr/share/datasets/fashion-mnist")
 DST = Path(__file__).resolve().parents[1] / "isvit_viz" / "assets"
+sys.path.insert(0, str(DST.parents[1]))
 
-
-def read_idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-
-def load(kind: str) -> tuple[np.ndarray, np.ndarray]:
-    y = read_idx(SRC / f"{kind}-labels-idx1-ubyte.gz", 8).astype(np.int64)
-    x = read_idx(SRC / f"{kind}-images-idx3-ubyte.gz", 16).reshape(len(y), 28, 28)
-    return x, y
+from isvit_viz.data.fashion_mnist import read_debian_split  # noqa: E402
 
 
 def main() -> None:
     DST.mkdir(parents=True, exist_ok=True)
-    xte, yte = load("t10k")
+    xte, yte = read_debian_split("test")
     np.savez_compressed(DST / "fashion_mnist_test.npz", images=xte, labels=yte)
-    xtr, ytr = load("train")
+    xtr, ytr = read_debian_split("train")
     idx = np.sort(np.random.default_rng(0).choice(len(ytr), 2048, replace=False))
     np.savez_compressed(DST / "fashion_mnist_calib.npz", images=xtr[idx], labels=ytr[idx], train_index=idx)
     for p in sorted(DST.glob("*.npz")):

@@ -16,7 +16,6 @@ AMX/AVX-512 machines); the exported weights are fp16 safetensors evaluated in fp
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -24,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from isvit_viz.data.fashion_mnist import read_debian_split  # noqa: E402
 from isvit_viz.models.embedded_arch import (  # noqa: E402
     EMBEDDED_ARCH,
     FMNIST_MEAN,
@@ -36,18 +35,10 @@ from isvit_viz.models.embedded_arch import (  # noqa: E402
     build_embedded_arch,
 )
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def read_idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
-
 
 def load_split(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    y = read_idx(DEBIAN_DIR / f"{kind}-labels-idx1-ubyte.gz", 8)
-    x = read_idx(DEBIAN_DIR / f"{kind}-images-idx3-ubyte.gz", 16).reshape(len(y), 1, 28, 28)
-    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
+    x, y = read_debian_split(kind)
+    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y)
 
 
 def prep(xb: torch.Tensor) -> torch.Tensor:
@@ -105,7 +96,7 @@ def main() -> None:
     ckpt_path = out / "checkpoint.pt"
 
     xtr, ytr = load_split("train")
-    xte, yte = load_split("t10k")
+    xte, yte = load_split("test")
     model = build_embedded_arch(args.name)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)

@@ -22,7 +22,7 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 
 def normalize(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], normalised with the train mean/std."""
-    x = torch.as_tensor(np.asarray(images_u8)).float().div_(255.0)
+    x = torch.as_tensor(np.array(images_u8, copy=True)).float().div_(255.0)
     return ((x - FMNIST_MEAN) / FMNIST_STD).unsqueeze(1)
 
 
@@ -35,8 +35,9 @@ def _load_npz(name: str) -> tuple[np.ndarray, np.ndarray]:
         raise AssetError(f"cannot read packaged asset {path}: {e}") from e
 
 
-def load_debian_split(kind: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
-    """Full split from Debian's ``dataset-fashion-mnist`` (``kind`` = ``"train"`` or ``"test"``)."""
+def read_debian_split(kind: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Raw uint8 images [N, 28, 28] and int64 labels [N] from Debian's ``dataset-fashion-mnist``
+    (``kind`` = ``"train"`` or ``"test"``)."""
     if kind not in ("train", "test"):
         raise ValueError(f"kind must be 'train' or 'test', got {kind!r}")
     stem = "train" if kind == "train" else "t10k"
@@ -47,6 +48,12 @@ def load_debian_split(kind: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
     with gzip.open(img, "rb") as f:
         x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(len(y), 28, 28)
+    return x, y
+
+
+def load_debian_split(kind: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Full split from Debian's ``dataset-fashion-mnist``, normalised: ([N, 1, 28, 28], [N])."""
+    x, y = read_debian_split(kind)
     return normalize(x), torch.from_numpy(y)
 
 
