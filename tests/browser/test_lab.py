@@ -98,8 +98,19 @@ def _run_all(page, url: str, name: str, done_text: str) -> None:
     page.goto(f"{url}/lab/workspaces/{ws}/tree/{name}?token={TOKEN}&reset")
     page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=120_000)
     page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").first.click()  # focus this notebook
-    # the same command as Run > Run All Cells, invoked directly (menu text can collide with notebook text)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    # the same command as Run > Run All Cells, invoked directly (menu text can collide with notebook text).
+    # Right after "Idle" the kernel connection can still drop execute requests (seen once: every cell
+    # stayed "[ ]"), so re-issue Run All until the first code cell has an execution count.
+    first_prompt = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt").first
+    for _attempt in range(3):
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        try:
+            page.wait_for_function(
+                "(el) => /\\[(\\d+|\\*)\\]/.test(el.textContent)", arg=first_prompt.element_handle(), timeout=60_000
+            )
+            break
+        except Exception:
+            continue
     # the marker is printed by the last cell: look for it in outputs only (the source contains it too)
     try:
         page.wait_for_selector(f'.jp-OutputArea-output:has-text("{done_text}")', timeout=600_000)
