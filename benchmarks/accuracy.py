@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--test", type=int, default=None)
     p.add_argument("--bits", nargs="*", type=int, default=[3, 4, 6])
+    p.add_argument("--device", default="cpu", help="cpu | cuda (the run is timed on it; evaluation too)")
+    p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -40,8 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     rows, raw = [], []
     for name in args.models:
         model, splits = iv.load_embedded(name)
+        model = model.to(args.device)  # FP evaluation on the same device as the quantized model
         recs = run_grid(model, splits.calib_tensors(args.calib)[0], splits.test(args.test), args.methods,
-                        [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds, batch_size=min(64, args.calib))  # fmt: skip
+                        [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds, batch_size=min(64, args.calib),
+                        device=args.device, matmul_dtype=args.matmul_dtype)  # fmt: skip
         raw += [{"model": name, **r} for r in recs]
         for m in args.methods:
             for b in args.bits:

@@ -2,6 +2,7 @@
 wall time per stage and peak GPU memory. On a CPU-only machine run it with --smoke (tiny settings).
 
     python -m benchmarks.gpu --device cuda            # 1024 images, 1000 iterations per unit and stage
+    python -m benchmarks.gpu --device cuda --matmul-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -22,21 +23,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--calib", type=int, default=1024)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.smoke:
         args.model, args.iters, args.calib = "deit_tiny_patch16_224", 1, 8
     torch.manual_seed(0)
     model = create(args.model).to(args.device)
     x = torch.randn(args.calib, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    if args.device.startswith("cuda"):
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+
+    def report(stage: str, _model: torch.nn.Module) -> None:  # progress that survives a timeout
+        print(f"[gpu] {stage} done at {time.perf_counter() - t0:.1f} s", flush=True)
+
     res = iv.quantize(
-        model, "isvit", 3, 3, x, iters=args.iters, batch_size=min(64, args.calib), device=args.device, progress=not args.smoke
-    )
+        model, "isvit", args.bits, args.bits, x, iters=args.iters, batch_size=min(64, args.calib), device=args.device,
+        progress=False, callbacks=report, matmul_dtype=args.matmul_dtype,
+    )  # fmt: skip
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-    rows = [{"model": args.model, "device": args.device, "calib": args.calib, "iters": args.iters, "wall_min": wall / 60,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    rows = [{"model": args.model, "device": args.device, "W/A": f"{args.bits}/{args.bits}", "calib": args.calib,
+             "iters": args.iters, "matmul_dtype": args.matmul_dtype, "wall_min": wall / 60,
              **{f"{k}_s": v for k, v in res.timings.items()}, "peak_gpu_gib": peak}]  # fmt: skip
     write("gpu", args.out, {"target": "deit_small W3/A3 full pipeline <= 5 min on one H100"}, rows, list(rows[0]))
 

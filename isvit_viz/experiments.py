@@ -35,6 +35,9 @@ def run_grid(
     for method in methods:
         for wb, ab in bit_settings:
             for seed in seeds:
+                cuda = torch.cuda.is_available() and torch.device(quantize_kw.get("device") or "cpu").type == "cuda"
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 res = quantize(model, method, wb, ab, calib, iters=iters, seed=seed, progress=progress, **quantize_kw)
                 wall = time.perf_counter() - t0
@@ -43,6 +46,7 @@ def run_grid(
                     "method": method, "w_bits": wb, "a_bits": ab, "seed": seed, "iters": res.config["iters"],
                     "calib_images": res.config["calib_images"], **cmp, "wall_s": wall, "stage_s": dict(res.timings),
                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                     "paper_deit_s_top1": paper_top1(method, wb, ab),
                 })  # fmt: skip
     return records

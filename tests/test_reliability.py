@@ -187,3 +187,45 @@ def test_timm_version_guard():
         assert not check_timm_version("0.4.12")
     with pytest.warns(RuntimeWarning, match="1.2.0"):
         assert not check_timm_version("1.2.0")
+
+
+def test_device_resident_cache_gives_identical_results(images, monkeypatch):
+    # On CUDA the caches live in GPU memory; the same code path on CPU (explicit device budget) must
+    # return the same mini-batches, hence bit-identical results.
+    from isvit_viz.calib import cache
+
+    storages = []
+    orig = cache.TensorCache.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        storages.append(self.storage)
+
+    monkeypatch.setattr(cache.TensorCache, "__init__", spy)
+    ref = _run(images)
+    assert storages and set(storages) == {"host"}
+    storages.clear()
+    orig_budget = cache.MemoryBudget.__init__
+
+    def on_device(self, limit_bytes=None, spill_dir=None, device=None, device_limit_bytes=None):
+        orig_budget(self, limit_bytes, spill_dir, device, device_limit_bytes=1 << 30)
+
+    monkeypatch.setattr(cache.MemoryBudget, "__init__", on_device)
+    dev = _run(images)
+    assert storages and set(storages) == {"device"}
+    with torch.no_grad():
+        assert torch.equal(dev.model(images), ref.model(images))
+
+
+def test_memory_budget_device_limits():
+    from isvit_viz.calib.cache import MemoryBudget, TensorCache
+
+    assert MemoryBudget(0, device="cpu").device_limit == 0  # CPU: host memory is the cache
+    with pytest.raises(ValueError, match="needs a device"):
+        MemoryBudget(0, device_limit_bytes=10)
+    b = MemoryBudget(0, device="cpu", device_limit_bytes=4 * 6)
+    first, second = TensorCache(2, (3,), b), TensorCache(2, (3,), b)
+    assert (first.storage, second.storage) == ("device", "disk")
+    first.close()
+    assert b.device_used == 0 and TensorCache(2, (3,), b).storage == "device"
+    second.close()

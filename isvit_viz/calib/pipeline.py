@@ -155,7 +155,8 @@ def quantize(
         calib: calibration images, a tensor [N, C, H, W] or a DataLoader of (images, labels).
         iters: Adam steps per unit and stage (default 1000, or 200 at >= 6-bit activations, as the paper).
         batch_size / lr: reconstruction mini-batch and Adam learning rate (cosine-decayed).
-        device: ``"cpu"``, ``"cuda"``...; default the model's device. Caches stay in host memory.
+        device: ``"cpu"``, ``"cuda"``...; default the model's device. On CUDA, cached unit inputs and
+            outputs stay in GPU memory while they fit in a third of the free memory.
         seed: seeds the mini-batch sampling (and QDrop's masks); CPU runs are bit-reproducible.
         callbacks: ``f(stage, model)`` called after each stage (snapshot the model there).
         softmax_quantizer / sos: ablation switches (paper Tables 3 and 4).
@@ -195,7 +196,7 @@ def quantize(
     qmodel = quantize_model(copy.deepcopy(model), qcfg).to(dev).eval()
     n_init = spec.init_images or 256
     init_x = images[:n_init].to(dev)
-    budget = MemoryBudget(memory_budget)
+    budget = MemoryBudget(memory_budget, device=dev)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # QDrop masks use the global RNG
     result = QuantResult(model=qmodel, config=config)
