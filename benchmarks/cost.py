@@ -7,7 +7,6 @@ iterations and model size, plus the fake-quant forward overhead measured side by
 from __future__ import annotations
 
 import copy
-import resource
 import time
 
 import torch
@@ -16,6 +15,7 @@ import isvit_viz as iv
 from isvit_viz.models import create
 from isvit_viz.quant.config import QuantConfig
 from isvit_viz.quant.wrap import calibrate_activations, calibrate_weights, quantize_model, set_quant_state
+from isvit_viz.utils import peak_rss_mb, reset_peak_rss
 
 from ._common import parser, write
 
@@ -49,37 +49,45 @@ def forward_overhead(model: torch.nn.Module, x: torch.Tensor, reps: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__).parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--spill-budget-mb", type=float, default=16.0, help="cache budget of the spilling series")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, splits = iv.load_embedded("vit")
     sizes = [64, 128] if args.smoke else [128, 256, 512, 1024, 2048]
     iters = 2 if args.smoke else 50
     rows = []
-    for n in sizes:
-        calib, _ = splits.calib_tensors(n)
+
+    def timed(what: str, x: int, calib: torch.Tensor, it: int, **kw) -> dict:
+        reset_peak_rss()  # each row's peak is its own run's (Linux)
         t0 = time.perf_counter()
-        res = iv.quantize(model, "isvit", 4, 4, calib, iters=iters, batch_size=min(64, n), progress=False)
-        rows.append({"what": "calib_images", "x": n, "iters": iters, "wall_s": time.perf_counter() - t0,
-                     **{f"{k}_s": v for k, v in res.timings.items() if k != "total"},
-                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # fmt: skip
+        res = iv.quantize(model, "isvit", 4, 4, calib, iters=it, batch_size=min(64, len(calib)), progress=False, **kw)
+        row = {"what": what, "x": x, "iters": it, "wall_s": time.perf_counter() - t0,
+               **{f"{k}_s": v for k, v in res.timings.items() if k != "total"}, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+        rows.append(row)
+        return row
+
+    for n in sizes:  # caches in host memory
+        timed("calib_images", n, splits.calib_tensors(n)[0], iters)
+    for n in sizes:  # caches past a small budget spill to disk: peak RSS should stay flat
+        timed("calib_images (spill)", n, splits.calib_tensors(n)[0], iters, memory_budget=int(args.spill_budget_mb * 2**20))
     calib, _ = splits.calib_tensors(256 if not args.smoke else 64)
-    it_list = [2, 4] if args.smoke else [25, 50, 100, 200]
-    for it in it_list:
-        t0 = time.perf_counter()
-        iv.quantize(model, "isvit", 4, 4, calib, iters=it, batch_size=64, progress=False)
-        rows.append({"what": "iters", "x": it, "iters": it, "wall_s": time.perf_counter() - t0,
-                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # fmt: skip
+    for it in [2, 4] if args.smoke else [25, 50, 100, 200]:
+        timed("iters", it, calib, it)
     fits = {}
-    for what in ("calib_images", "iters"):
+    for what in ("calib_images", "calib_images (spill)", "iters"):
         rs = [r for r in rows if r["what"] == what]
         a, b, r2 = fit_line([r["x"] for r in rs], [r["wall_s"] for r in rs])
         fits[what] = {"intercept_s": a, "slope_s_per_unit": b, "r2": r2}
+        a, b, r2 = fit_line([r["x"] for r in rs], [r["peak_rss_mb"] for r in rs])
+        fits[what + " peak_rss"] = {"intercept_mb": a, "slope_mb_per_unit": b, "r2": r2}
     # per-iteration cost on 224 px shapes (random init, synthetic inputs), extrapolated to 1000 iterations
     shapes = ["deit_tiny_patch16_224"] if args.smoke else ["deit_tiny_patch16_224", "deit_small_patch16_224"]
     for name in shapes:
         m = create(name)
         x = torch.randn(8 if args.smoke else 64, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         t = {}
+        reset_peak_rss()
         for it in (1, 3):
             t0 = time.perf_counter()
             res = iv.quantize(m, "isvit", 3, 3, x, iters=it, batch_size=8, progress=False)
@@ -87,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         per_iter = (t[3][0] - t[1][0]) / 2
         units = 2 * (len(m.blocks) + 1) + 1  # stage-1 units (no patch embed) + stage-3 units
         rows.append({"what": f"{name} (bs 8)", "x": 1, "iters": 1, "wall_s": t[1][0], "per_unit_iter_s": per_iter / units,
-                     "extrapolated_1000_iters_min": (t[1][0] + per_iter * 999) / 60,
-                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # fmt: skip
+                     "extrapolated_1000_iters_min": (t[1][0] + per_iter * 999) / 60, "peak_rss_mb": peak_rss_mb()})  # fmt: skip
     x = splits.test_tensors(64 if args.smoke else 256)[0]
     ovh = forward_overhead(model, x, 3 if args.smoke else 10)
     rows.append(

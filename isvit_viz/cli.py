@@ -6,14 +6,13 @@ Errors in user input print one line on stderr and exit with status 2 (``--debug`
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .utils import peak_rss_mb
 
 
 class CLIError(ValueError):
@@ -21,8 +20,7 @@ class CLIError(ValueError):
 
 
 def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kb / 1024 if platform.system() != "Darwin" else kb / 2**20, 1)
+    return round(peak_rss_mb(), 1)
 
 
 def _positive_int(s: str) -> int:

@@ -46,13 +46,24 @@ def evaluate(
 
 
 def compare_to_fp(
-    fp_model: nn.Module, q_model: nn.Module, loader: Iterable, device: str | torch.device | None = None, progress: bool = True
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    fp_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float | int]:
     """FP vs quantized on the same data: ``fp_top1``, ``q_top1``, ``agree_top1`` (share of images whose
     quantized top-1 equals the FP top-1), ``kl_to_fp`` (mean KL(FP || quantized) of the softmax
-    outputs, in nats) and ``n``."""
+    outputs, in nats) and ``n``.
+
+    ``fp_outputs``: the FP model's ``predict_logits`` over the same ``loader``, when already computed
+    (comparing many quantized models to one FP model).
+    """
     batches = list(loader)
-    fp_logits, labels = predict_logits(fp_model, batches, device, progress, desc="eval fp")
+    if fp_outputs is None:
+        fp_outputs = predict_logits(fp_model, batches, device, progress, desc="eval fp")
+    fp_logits, labels = fp_outputs
     q_logits, _ = predict_logits(q_model, batches, device, progress, desc="eval quant")
     p_log = torch.log_softmax(fp_logits.double(), 1)
     q_log = torch.log_softmax(q_logits.double(), 1)

@@ -15,3 +15,21 @@ def test_benchmark_smoke(name, tmp_path):
     assert payload["rows"] and (tmp_path / f"{name}.md").read_text().startswith(f"# {name}")
     if name == "quantizer_init":
         assert payload["rows"][0]["equal"] is True
+
+
+def test_report_merges_runs_from_several_files(tmp_path):
+    from benchmarks import report
+
+    def run(method, bits, seed, agree, cuda=None):
+        return {"env": {"threads": 2, "cuda": cuda}, "runs": [{"model": "vit", "method": method, "w_bits": bits, "a_bits": bits,
+                "seed": seed, "q_top1": 0.5, "agree_top1": agree, "kl_to_fp": 0.25}]}  # fmt: skip
+
+    files = []
+    for i, payload in enumerate([run("isvit", 3, 0, 0.9, "H100"), run("isvit", 3, 1, 0.8, "H100"), run("minmax", 4, 0, 0.7)]):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(payload))
+    cells = report.merge(files)
+    assert len(cells[("vit", "isvit", 3)]) == 2 and cells[("vit", "minmax", 4)][0]["device"] == "CPU x2"
+    lines = report.render(cells).splitlines()
+    assert lines[2] == "| embedded-vit | isvit | 50.00 / 85.0 / 0.2500 (n=2) | – | – | H100 | 55.78, 75.81, 79.15 |"
+    assert lines[3].startswith("| embedded-vit | minmax | – | 50.00 / 70.0 / 0.2500 | – | CPU x2 |")

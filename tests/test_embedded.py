@@ -91,3 +91,31 @@ def test_evaluate_top5_and_progress_bar(capsys):
     res = iv.evaluate(model, splits.test(256), progress=True)
     assert 0 <= res["top1"] <= res["top5"] <= 1 and res["n"] == 256
     assert "eval" in capsys.readouterr().err  # tqdm writes to stderr
+
+
+def test_compare_to_fp_metrics_exact():
+    import math
+
+    from torch import nn
+
+    from isvit_viz.evaluate import compare_to_fp, predict_logits
+
+    x = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 1])
+    fp, q = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        fp.weight.copy_(torch.eye(2))
+        q.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swaps the two logits
+    loader = [(x[:2], y[:2]), (x[2:], y[2:])]
+    got = compare_to_fp(fp, q, loader, progress=False)
+
+    def kl(a, b):  # KL(softmax(a) || softmax(b)) for 2 classes, by hand
+        pa = [math.exp(v) / (math.exp(a[0]) + math.exp(a[1])) for v in a]
+        pb = [math.exp(v) / (math.exp(b[0]) + math.exp(b[1])) for v in b]
+        return sum(p * math.log(p / r) for p, r in zip(pa, pb))
+
+    rows = x.tolist()
+    assert got["fp_top1"] == 0.75 and got["q_top1"] == 0.25 and got["agree_top1"] == 0.0 and got["n"] == 4
+    assert got["kl_to_fp"] == pytest.approx(sum(kl(r, r[::-1]) for r in rows) / 4, rel=1e-12)
+    again = compare_to_fp(fp, q, loader, progress=False, fp_outputs=predict_logits(fp, loader, progress=False))
+    assert again == got
