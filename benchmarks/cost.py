@@ -12,6 +12,8 @@ import time
 import torch
 
 import isvit_viz as iv
+from isvit_viz.calib.pipeline import reconstruction_units
+from isvit_viz.calib.recon import recon_loss, trainable_parameters
 from isvit_viz.models import create
 from isvit_viz.quant.config import QuantConfig
 from isvit_viz.quant.wrap import calibrate_activations, calibrate_weights, quantize_model, set_quant_state
@@ -48,15 +50,52 @@ def forward_overhead(model: torch.nn.Module, x: torch.Tensor, reps: int) -> dict
     return {"fp_s": fp, "fake_quant_s": fq, "ratio": fq / fp}
 
 
+def step_time(model: torch.nn.Module, calib: torch.Tensor, batch: int, steps: int) -> tuple[float, int]:
+    """Seconds per reconstruction Adam step of the first block (W3/A3, stage-3 state: quantized
+    weights and activations, batch ``batch`` of synthetic block inputs) and the number of units.
+
+    Calibration only (``iters=0``) sets the quantizers up; the step is then timed directly, so the
+    extrapolation is not swamped by calibration time as a difference of two short runs would be.
+    """
+    res = iv.quantize(model, "isvit", 3, 3, calib, iters=0, batch_size=min(64, len(calib)), progress=False)
+    units = reconstruction_units(res.model)
+    _, blk, _ = next(u for u in units if u[2] == "block")
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    x = torch.randn(batch, tokens, model.embed_dim, generator=torch.Generator().manual_seed(1))
+    y = torch.randn_like(x)
+    params = trainable_parameters(blk)
+    for p in blk.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=4e-5)
+
+    def step() -> None:
+        loss = recon_loss(blk(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    # stage 1 skips the patch embedding (FP weights, nothing quantized); stage 3 fits every unit;
+    # layer units (head, patch embedding) are counted at a block's cost: a slight overestimate
+    return (time.perf_counter() - t0) / steps, 2 * len(units) - 1
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--spill-budget-mb", type=float, default=16.0, help="cache budget of the spilling series")
+    p.add_argument("--parts", nargs="*", default=["images", "iters", "shapes", "overhead"],
+                   choices=["images", "iters", "shapes", "overhead"])  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, splits = iv.load_embedded("vit")
     sizes = [64, 128] if args.smoke else [128, 256, 512, 1024, 2048]
     iters = 2 if args.smoke else 50
-    rows = []
+    rows: list[dict] = []
 
     def timed(what: str, x: int, calib: torch.Tensor, it: int, **kw) -> dict:
         reset_peak_rss()  # each row's peak is its own run's (Linux)
@@ -67,46 +106,47 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         return row
 
-    for n in sizes:  # caches in host memory
-        timed("calib_images", n, splits.calib_tensors(n)[0], iters)
-    for n in sizes:  # caches past a small budget spill to disk: peak RSS should stay flat
-        timed("calib_images (spill)", n, splits.calib_tensors(n)[0], iters, memory_budget=int(args.spill_budget_mb * 2**20))
-    calib, _ = splits.calib_tensors(256 if not args.smoke else 64)
-    for it in [2, 4] if args.smoke else [25, 50, 100, 200]:
-        timed("iters", it, calib, it)
+    series = []
+    if "images" in args.parts:
+        series += ["calib_images", "calib_images (spill)"]
+        for n in sizes:  # caches in host memory
+            timed("calib_images", n, splits.calib_tensors(n)[0], iters)
+        for n in sizes:  # caches past a small budget spill to disk: peak RSS should stay flat
+            timed("calib_images (spill)", n, splits.calib_tensors(n)[0], iters, memory_budget=int(args.spill_budget_mb * 2**20))
+    if "iters" in args.parts:
+        series.append("iters")
+        calib, _ = splits.calib_tensors(256 if not args.smoke else 64)
+        for it in [2, 4] if args.smoke else [25, 50, 100, 200]:
+            timed("iters", it, calib, it)
     fits = {}
-    for what in ("calib_images", "calib_images (spill)", "iters"):
+    for what in series:
         rs = [r for r in rows if r["what"] == what]
         a, b, r2 = fit_line([r["x"] for r in rs], [r["wall_s"] for r in rs])
         fits[what] = {"intercept_s": a, "slope_s_per_unit": b, "r2": r2}
         a, b, r2 = fit_line([r["x"] for r in rs], [r["peak_rss_mb"] for r in rs])
         fits[what + " peak_rss"] = {"intercept_mb": a, "slope_mb_per_unit": b, "r2": r2}
-    # per-iteration cost on 224 px shapes (random init, synthetic inputs), extrapolated to 1000 iterations
-    shapes = ["deit_tiny_patch16_224"] if args.smoke else ["deit_tiny_patch16_224", "deit_small_patch16_224"]
-    for name in shapes:
-        m = create(name)
-        x = torch.randn(8 if args.smoke else 64, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        t = {}
-        reset_peak_rss()
-        for it in (1, 3):
-            t0 = time.perf_counter()
-            res = iv.quantize(m, "isvit", 3, 3, x, iters=it, batch_size=8, progress=False)
-            t[it] = (time.perf_counter() - t0, res.timings)
-        per_iter = (t[3][0] - t[1][0]) / 2
-        units = 2 * (len(m.blocks) + 1) + 1  # stage-1 units (no patch embed) + stage-3 units
-        rows.append({"what": f"{name} (bs 8)", "x": 1, "iters": 1, "wall_s": t[1][0], "per_unit_iter_s": per_iter / units,
-                     "extrapolated_1000_iters_min": (t[1][0] + per_iter * 999) / 60, "peak_rss_mb": peak_rss_mb()})  # fmt: skip
-    x = splits.test_tensors(64 if args.smoke else 256)[0]
-    ovh = forward_overhead(model, x, 3 if args.smoke else 10)
-    rows.append(
-        {
-            "what": "fake-quant forward / FP forward (embedded ViT, 256 images)",
-            "x": 0,
-            "iters": 0,
-            "wall_s": ovh["fake_quant_s"],
-            "ratio": ovh["ratio"],
-        }
-    )
+    if "shapes" in args.parts:
+        # per-step cost of one block at batch 64 (fp32), extrapolated to 1000 steps per unit and stage
+        shapes = [("embedded-vit", None)]
+        shapes += (
+            [("deit_tiny_patch16_224", 224)] if args.smoke else [("deit_tiny_patch16_224", 224), ("deit_small_patch16_224", 224)]
+        )
+        for name, px in shapes:
+            m = model if px is None else create(name)
+            x = (
+                splits.calib_tensors(64)[0]
+                if px is None
+                else torch.randn(16, 3, px, px, generator=torch.Generator().manual_seed(0))
+            )
+            per_step, n_units = step_time(m, x, 8 if args.smoke else 64, 1 if args.smoke else 5)
+            rows.append({"what": f"{name} block step (bs 64)", "x": n_units, "iters": 1000, "per_unit_iter_s": per_step,
+                         "extrapolated_1000_iters_min": per_step * 1000 * n_units / 60})  # fmt: skip
+    ovh = None
+    if "overhead" in args.parts:
+        x = splits.test_tensors(64 if args.smoke else 256)[0]
+        ovh = forward_overhead(model, x, 3 if args.smoke else 10)
+        rows.append({"what": "fake-quant forward / FP forward (embedded ViT, 256 images)", "x": 0, "iters": 0,
+                     "wall_s": ovh["fake_quant_s"], "ratio": ovh["ratio"]})  # fmt: skip
     cols = sorted({k for r in rows for k in r}, key=lambda k: (k != "what", k != "x", k))
     write(
         "cost",

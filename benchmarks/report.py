@@ -46,7 +46,12 @@ def render(cells: dict[tuple[str, str, int], list[dict]], bits: tuple[int, ...] 
         + ["run on", "paper DeiT-S " + ", ".join(f"{b}/{b}" for b in bits)]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, method in sorted({(k[0], k[1]) for k in cells}):
+    order = ["isvit", "isvit-official", "qdrop", "repq-vit", "ptq4vit", "minmax"]  # the paper's table order
+
+    def key(k: tuple[str, str]) -> tuple:
+        return (k[0] != "vit", k[0], order.index(k[1]) if k[1] in order else len(order), k[1])
+
+    for model, method in sorted({(k[0], k[1]) for k in cells}, key=key):
         rows = [cells.get((model, method, b), []) for b in bits]
         devs = sorted({r["device"] for rs in rows for r in rs})
         paper = ", ".join("–" if (v := paper_top1(method, b, b)) is None else f"{v:.2f}" for b in bits)

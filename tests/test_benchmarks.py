@@ -25,7 +25,7 @@ def test_report_merges_runs_from_several_files(tmp_path):
                 "seed": seed, "q_top1": 0.5, "agree_top1": agree, "kl_to_fp": 0.25}]}  # fmt: skip
 
     files = []
-    for i, payload in enumerate([run("isvit", 3, 0, 0.9, "H100"), run("isvit", 3, 1, 0.8, "H100"), run("minmax", 4, 0, 0.7)]):
+    for i, payload in enumerate([run("minmax", 4, 0, 0.7), run("isvit", 3, 0, 0.9, "H100"), run("isvit", 3, 1, 0.8, "H100")]):
         files.append(tmp_path / f"{i}.json")
         files[-1].write_text(json.dumps(payload))
     cells = report.merge(files)
@@ -33,3 +33,17 @@ def test_report_merges_runs_from_several_files(tmp_path):
     lines = report.render(cells).splitlines()
     assert lines[2] == "| embedded-vit | isvit | 50.00 / 85.0 / 0.2500 (n=2) | – | – | H100 | 55.78, 75.81, 79.15 |"
     assert lines[3].startswith("| embedded-vit | minmax | – | 50.00 / 70.0 / 0.2500 | – | CPU x2 |")
+
+
+def test_readme_accuracy_table_is_the_committed_measurements():
+    # The README's table must be exactly what benchmarks.report renders from the raw JSON in
+    # benchmarks/results/accuracy (so nobody edits a number by hand).
+    from pathlib import Path
+
+    from benchmarks import report
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme.split("<!-- accuracy-table:begin -->\n")[1].split("\n<!-- accuracy-table:end -->")[0]
+    files = sorted((root / "benchmarks" / "results" / "accuracy").glob("*.json"))
+    assert files and table == report.render(report.merge(files))

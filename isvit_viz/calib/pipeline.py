@@ -223,6 +223,8 @@ def quantize(
                 continue
             if not _unit_is_quantized(unit):
                 continue  # nothing quantized here (stage-1 patch embedding): the loss is exactly 0
+            if rcfg.iters == 0:
+                continue  # nothing to fit: skip the capture passes too
             t_unit = teacher.get_submodule(name)
             if fp_inputs:  # inputs and targets both from the FP teacher: one pass
                 x_cache, y_cache = capture_unit_io(teacher, t_unit, images, budget, dev)
