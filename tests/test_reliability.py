@@ -52,22 +52,28 @@ def test_checkpoint_from_other_config_is_refused(images, tmp_path):
         iv.quantize(small(), "isvit", 4, 4, images, iters=3, batch_size=32, seed=1, progress=False, checkpoint_dir=tmp_path)
 
 
-def test_tiny_memory_budget_spills_to_disk_with_identical_results(images, monkeypatch):
+def _record_cache_storage(monkeypatch) -> list[str]:
+    """Patch TensorCache so every cache created appends its storage ("device"/"host"/"disk")."""
     from isvit_viz.calib import cache
 
-    spilled = []
+    storages: list[str] = []
     orig = cache.TensorCache.__init__
 
     def spy(self, *a, **k):
         orig(self, *a, **k)
-        spilled.append(self.on_disk)
+        storages.append(self.storage)
 
     monkeypatch.setattr(cache.TensorCache, "__init__", spy)
+    return storages
+
+
+def test_tiny_memory_budget_spills_to_disk_with_identical_results(images, monkeypatch):
+    storages = _record_cache_storage(monkeypatch)
     ref = _run(images)
-    assert spilled and not any(spilled)
-    spilled.clear()
+    assert storages and set(storages) == {"host"}
+    storages.clear()
     disk = _run(images, memory_budget=0)
-    assert spilled and all(spilled)
+    assert storages and set(storages) == {"disk"}
     with torch.no_grad():
         assert torch.equal(disk.model(images), ref.model(images))
 
@@ -194,14 +200,7 @@ def test_device_resident_cache_gives_identical_results(images, monkeypatch):
     # return the same mini-batches, hence bit-identical results.
     from isvit_viz.calib import cache
 
-    storages = []
-    orig = cache.TensorCache.__init__
-
-    def spy(self, *a, **k):
-        orig(self, *a, **k)
-        storages.append(self.storage)
-
-    monkeypatch.setattr(cache.TensorCache, "__init__", spy)
+    storages = _record_cache_storage(monkeypatch)
     ref = _run(images)
     assert storages and set(storages) == {"host"}
     storages.clear()
