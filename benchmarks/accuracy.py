@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", nargs="*", type=int, default=[3, 4, 6])
     p.add_argument("--device", default="cpu", help="cpu | cuda (the run is timed on it; evaluation too)")
     p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--softmax-quantizer", default=None, help="ablation: replace each method's post-softmax quantizer")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         model = model.to(args.device)  # FP evaluation on the same device as the quantized model
         recs = run_grid(model, splits.calib_tensors(args.calib)[0], splits.test(args.test), args.methods,
                         [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds, batch_size=min(64, args.calib),
-                        device=args.device, matmul_dtype=args.matmul_dtype)  # fmt: skip
+                        device=args.device, matmul_dtype=args.matmul_dtype, softmax_quantizer=args.softmax_quantizer)  # fmt: skip
         raw += [{"model": name, **r} for r in recs]
         for m in args.methods:
             for b in args.bits:

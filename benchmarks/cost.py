@@ -10,12 +10,14 @@ import copy
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import isvit_viz as iv
 from isvit_viz.calib.pipeline import reconstruction_units
 from isvit_viz.calib.recon import recon_loss, trainable_parameters
 from isvit_viz.models import create
 from isvit_viz.quant.config import QuantConfig
+from isvit_viz.quant.modules import QuantModule
 from isvit_viz.quant.wrap import calibrate_activations, calibrate_weights, quantize_model, set_quant_state
 from isvit_viz.utils import peak_rss_mb, reset_peak_rss
 
@@ -50,9 +52,12 @@ def forward_overhead(model: torch.nn.Module, x: torch.Tensor, reps: int) -> dict
     return {"fp_s": fp, "fake_quant_s": fq, "ratio": fq / fp}
 
 
-def step_time(model: torch.nn.Module, calib: torch.Tensor, batch: int, steps: int) -> tuple[float, int]:
+def step_time(
+    model: torch.nn.Module, calib: torch.Tensor, batch: int, steps: int, matmul_dtype: torch.dtype | None = None
+) -> tuple[float, int, float]:
     """Seconds per reconstruction Adam step of the first block (W3/A3, stage-3 state: quantized
-    weights and activations, batch ``batch`` of synthetic block inputs) and the number of units.
+    weights and activations, batch ``batch`` of synthetic block inputs), the number of units, and the
+    share of the step's CPU time spent in matrix products (torch.profiler; NaN on CUDA).
 
     Calibration only (``iters=0``) sets the quantizers up; the step is then timed directly, so the
     extrapolation is not swamped by calibration time as a difference of two short runs would be.
@@ -60,6 +65,9 @@ def step_time(model: torch.nn.Module, calib: torch.Tensor, batch: int, steps: in
     res = iv.quantize(model, "isvit", 3, 3, calib, iters=0, batch_size=min(64, len(calib)), progress=False)
     units = reconstruction_units(res.model)
     _, blk, _ = next(u for u in units if u[2] == "block")
+    for mod in blk.modules():
+        if isinstance(mod, QuantModule):
+            mod.matmul_dtype = matmul_dtype
     tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
     x = torch.randn(batch, tokens, model.embed_dim, generator=torch.Generator().manual_seed(1))
     y = torch.randn_like(x)
@@ -80,16 +88,21 @@ def step_time(model: torch.nn.Module, calib: torch.Tensor, batch: int, steps: in
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    per_step = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    mm_share = sum(self_us.get(k, 0.0) for k in ("aten::mm", "aten::addmm", "aten::bmm")) / max(sum(self_us.values()), 1e-9)
     # stage 1 skips the patch embedding (FP weights, nothing quantized); stage 3 fits every unit;
     # layer units (head, patch embedding) are counted at a block's cost: a slight overestimate
-    return (time.perf_counter() - t0) / steps, 2 * len(units) - 1
+    return per_step, 2 * len(units) - 1, mm_share
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--spill-budget-mb", type=float, default=16.0, help="cache budget of the spilling series")
-    p.add_argument("--parts", nargs="*", default=["images", "iters", "shapes", "overhead"],
-                   choices=["images", "iters", "shapes", "overhead"])  # fmt: skip
+    p.add_argument("--parts", nargs="*", default=["images", "iters", "shapes", "dtypes", "overhead"],
+                   choices=["images", "iters", "shapes", "dtypes", "overhead"])  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, splits = iv.load_embedded("vit")
@@ -138,8 +151,16 @@ def main(argv: list[str] | None = None) -> None:
                 if px is None
                 else torch.randn(16, 3, px, px, generator=torch.Generator().manual_seed(0))
             )
-            per_step, n_units = step_time(m, x, 8 if args.smoke else 64, 1 if args.smoke else 5)
+            per_step, n_units, _ = step_time(m, x, 8 if args.smoke else 64, 1 if args.smoke else 5)
             rows.append({"what": f"{name} block step (bs 64)", "x": n_units, "iters": 1000, "per_unit_iter_s": per_step,
+                         "extrapolated_1000_iters_min": per_step * 1000 * n_units / 60})  # fmt: skip
+    if "dtypes" in args.parts:
+        # fp32 vs bf16 reconstruction matmuls on the embedded ViT, side by side in this process
+        calib = splits.calib_tensors(64)[0]
+        for label, dt in (("float32", None), ("bfloat16", torch.bfloat16)):
+            per_step, n_units, mm = step_time(model, calib, 8 if args.smoke else 64, 1 if args.smoke else 20, dt)
+            rows.append({"what": f"embedded-vit block step (bs 64), {label} matmuls", "x": n_units, "iters": 1000,
+                         "per_unit_iter_s": per_step, "matmul_share": mm,
                          "extrapolated_1000_iters_min": per_step * 1000 * n_units / 60})  # fmt: skip
     ovh = None
     if "overhead" in args.parts:
