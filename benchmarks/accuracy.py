@@ -1,5 +1,8 @@
 """Accuracy table: methods x bit-widths x seeds on the embedded models (mean and std over seeds).
 
+A seed draws the calibration images (``--calib`` of the 2,048 packaged ones) and seeds the
+reconstruction's mini-batch sampling and QDrop's masks.
+
 python -m benchmarks.accuracy [--models vit swin] [--seeds 0 1 2] [--iters N] [--calib 1024]
 """
 
@@ -44,7 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         model, splits = iv.load_embedded(name)
         model = model.to(args.device)  # FP evaluation on the same device as the quantized model
-        recs = run_grid(model, splits.calib_tensors(args.calib)[0], splits.test(args.test), args.methods,
+
+        # each seed draws its own calibration images from the packaged pool (seed 0: the default set)
+        def calib(seed: int, splits=splits) -> torch.Tensor:
+            return splits.calib_tensors(args.calib, seed=seed)[0]
+
+        recs = run_grid(model, calib, splits.test(args.test), args.methods,
                         [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds, batch_size=min(64, args.calib),
                         device=args.device, matmul_dtype=args.matmul_dtype, softmax_quantizer=args.softmax_quantizer)  # fmt: skip
         raw += [{"model": name, **r} for r in recs]

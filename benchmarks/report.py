@@ -1,5 +1,6 @@
 """Merge accuracy JSON files (from ``benchmarks.accuracy``, possibly run on several machines) into one
-Markdown table: one row per model x method, one column group per bit-width, mean over seeds.
+Markdown table: one row per model x method, one column group per bit-width, mean ± sample std over
+seeds, and where each cell ran (device and reconstruction matmul dtype).
 
     python -m benchmarks.report runs/bench/*/accuracy.json > table.md
 """
@@ -14,9 +15,13 @@ from pathlib import Path
 
 from isvit_viz.paper import paper_top1
 
+_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 
-def device_label(env: dict) -> str:
-    return env.get("cuda") or f"CPU x{env.get('threads', 1)}"
+
+def device_label(env: dict, settings: dict | None = None) -> str:
+    """``"NVIDIA H100 80GB HBM3 fp32"``, ``"CPU x2 bf16"``: the device and the reconstruction matmul dtype."""
+    dtype = (settings or {}).get("matmul_dtype", "float32")
+    return f"{env.get('cuda') or 'CPU x' + str(env.get('threads', 1))} {_DTYPE.get(dtype, dtype)}"
 
 
 def merge(paths: list[Path]) -> dict[tuple[str, str, int], list[dict]]:
@@ -24,20 +29,26 @@ def merge(paths: list[Path]) -> dict[tuple[str, str, int], list[dict]]:
     cells: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for path in paths:
         payload = json.loads(Path(path).read_text())
-        dev = device_label(payload.get("env", {}))
+        dev = device_label(payload.get("env", {}), payload.get("settings"))
         for r in payload["runs"]:
             cells[(r["model"], r["method"], r["w_bits"])].append({**r, "device": dev})
     return cells
 
 
 def render(cells: dict[tuple[str, str, int], list[dict]], bits: tuple[int, ...] = (3, 4, 6)) -> str:
-    """Markdown: top-1 % / agreement % / KL per bit-width, the device(s) and the paper's DeiT-S top-1."""
+    """Markdown: top-1 % / agreement % / KL per bit-width (mean ± sample std when a cell has several
+    seeds), the device(s) and the paper's DeiT-S top-1."""
 
     def cell(rs: list[dict]) -> str:
         if not rs:
             return "–"
-        m = {k: statistics.mean(r[k] for r in rs) for k in ("q_top1", "agree_top1", "kl_to_fp")}
-        s = f"{100 * m['q_top1']:.2f} / {100 * m['agree_top1']:.1f} / {m['kl_to_fp']:.4f}"
+
+        def fmt(k: str, scale: float, digits: int) -> str:
+            v = [scale * r[k] for r in rs]
+            s = f"{statistics.mean(v):.{digits}f}"
+            return s + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
+
+        s = f"{fmt('q_top1', 100, 2)} / {fmt('agree_top1', 100, 1)} / {fmt('kl_to_fp', 1, 4)}"
         return s + (f" (n={len(rs)})" if len(rs) > 1 else "")
 
     head = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from .utils import peak_rss_mb, reset_peak_rss
 
 def run_grid(
     model: nn.Module,
-    calib: torch.Tensor,
+    calib: torch.Tensor | Callable[[int], torch.Tensor],
     test_loader: Iterable,
     methods: Sequence[str],
     bit_settings: Sequence[tuple[int, int]] = ((3, 3), (4, 4), (6, 6)),
@@ -29,7 +29,11 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` with every method x bit setting x seed; one record per run with FP and
     quantized top-1, top-1 agreement with FP, KL(FP || quantized), wall time, peak RSS and the
-    paper's DeiT-S number for orientation."""
+    paper's DeiT-S number for orientation.
+
+    ``calib`` is either one calibration batch ``(N, C, H, W)`` shared by all runs (the seed then
+    varies only the mini-batch sampling and QDrop's masks) or a function ``seed -> batch`` that
+    draws each seed's own calibration set, as PTQ papers do when they report several seeds."""
     batches = list(test_loader)
     fp_outputs = predict_logits(model, batches, progress=False)  # once, not once per run
     records = []
@@ -41,7 +45,8 @@ def run_grid(
                     torch.cuda.reset_peak_memory_stats()
                 reset_peak_rss()  # each record's peak is its own run's (Linux)
                 t0 = time.perf_counter()
-                res = quantize(model, method, wb, ab, calib, iters=iters, seed=seed, progress=progress, **quantize_kw)
+                images = calib(seed) if callable(calib) else calib
+                res = quantize(model, method, wb, ab, images, iters=iters, seed=seed, progress=progress, **quantize_kw)
                 wall = time.perf_counter() - t0
                 cmp = compare_to_fp(model, res.model, batches, progress=False, fp_outputs=fp_outputs)
                 records.append({

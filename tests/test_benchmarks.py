@@ -29,10 +29,16 @@ def test_report_merges_runs_from_several_files(tmp_path):
         files.append(tmp_path / f"{i}.json")
         files[-1].write_text(json.dumps(payload))
     cells = report.merge(files)
-    assert len(cells[("vit", "isvit", 3)]) == 2 and cells[("vit", "minmax", 4)][0]["device"] == "CPU x2"
+    assert len(cells[("vit", "isvit", 3)]) == 2 and cells[("vit", "minmax", 4)][0]["device"] == "CPU x2 fp32"
     lines = report.render(cells).splitlines()
-    assert lines[2] == "| embedded-vit | isvit | 50.00 / 85.0 / 0.2500 (n=2) | – | – | H100 | 55.78, 75.81, 79.15 |"
-    assert lines[3].startswith("| embedded-vit | minmax | – | 50.00 / 70.0 / 0.2500 | – | CPU x2 |")
+    # mean ± sample std over the two seeds: agreement 0.9 and 0.8 -> 85.0 ± 7.1
+    assert (
+        lines[2]
+        == "| embedded-vit | isvit | 50.00 ± 0.00 / 85.0 ± 7.1 / 0.2500 ± 0.0000 (n=2) | – | – | H100 fp32 | 55.78, 75.81, 79.15 |"
+    )
+    assert lines[3].startswith("| embedded-vit | minmax | – | 50.00 / 70.0 / 0.2500 | – | CPU x2 fp32 |")
+    bf16 = {"env": {"threads": 1, "cuda": None}, "settings": {"matmul_dtype": "bfloat16"}}
+    assert report.device_label(bf16["env"], bf16["settings"]) == "CPU x1 bf16"
 
 
 def test_readme_accuracy_table_is_the_committed_measurements():

@@ -119,3 +119,24 @@ def test_compare_to_fp_metrics_exact():
     assert got["kl_to_fp"] == pytest.approx(sum(kl(r, r[::-1]) for r in rows) / 4, rel=1e-12)
     again = compare_to_fp(fp, q, loader, progress=False, fp_outputs=predict_logits(fp, loader, progress=False))
     assert again == got
+
+
+def test_run_grid_draws_each_seeds_calibration_set():
+    from isvit_viz.experiments import run_grid
+
+    model, splits = iv.load_embedded("vit")
+    drawn: dict[int, torch.Tensor] = {}
+
+    def calib(seed):
+        drawn[seed] = splits.calib_tensors(64, seed=seed)[0]
+        return drawn[seed]
+
+    recs = run_grid(model, calib, splits.test(128), ["minmax"], [(4, 4)], seeds=[0, 1])
+    assert [r["seed"] for r in recs] == [0, 1] and sorted(drawn) == [0, 1]
+    assert all(r["calib_images"] == 64 for r in recs)
+    assert torch.equal(drawn[0], splits.calib_tensors(64)[0])  # seed 0 is the default set
+    assert not torch.equal(drawn[0], drawn[1])
+    # a fixed tensor is shared by all seeds; min/max calibration is deterministic, so equal results
+    fixed = run_grid(model, drawn[0], splits.test(128), ["minmax"], [(4, 4)], seeds=[0, 5])
+    keys = ("q_top1", "agree_top1", "kl_to_fp")
+    assert [fixed[0][k] for k in keys] == [fixed[1][k] for k in keys] == [recs[0][k] for k in keys]
