@@ -33,7 +33,7 @@ lab: setup
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 lint: setup
-	$(BIN)/ruff check isvit_viz tests scripts benchmarks
+	$(BIN)/ruff check isvit_viz tests scripts benchmarks notebooks
 	$(BIN)/ruff format --check isvit_viz tests scripts benchmarks
 
 clean-venv:
