@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile config/jupyterlab-overrides.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e ".[test,export,browser]"
+	$(BIN)/pip install -q -e ".[test,export,browser,sweep]"
 	mkdir -p $(VENV)/share/jupyter/lab/settings
 	cp config/jupyterlab-overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	touch $(STAMP)

@@ -4,11 +4,15 @@ A seed draws the calibration images (``--calib`` of the 2,048 packaged ones) and
 reconstruction's mini-batch sampling and QDrop's masks.
 
 python -m benchmarks.accuracy [--models vit swin] [--seeds 0 1 2] [--iters N] [--calib 1024]
+
+With ``--sweep DIR`` every cell runs as its own Ray task (local instance, or ``--address``), one
+JSON per cell under DIR, resumable: the way to run a large grid (``isvit-viz sweep`` is the same).
 """
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -31,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda (the run is timed on it; evaluation too)")
     p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--softmax-quantizer", default=None, help="ablation: replace each method's post-softmax quantizer")
+    p.add_argument("--no-sos", action="store_true", help="ablation: one reconstruction stage instead of SOS (Table 3)")
+    p.add_argument("--sweep", type=Path, default=None,
+                   help="run the grid as a sweep into this folder: one Ray task per cell (or serially without Ray), "
+                        "one JSON per cell, resumable; prints the report (isvit_viz.sweep)")  # fmt: skip
+    p.add_argument("--address", default=None, help="with --sweep: an existing Ray cluster (default $RAY_ADDRESS, else local)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -43,6 +52,15 @@ def main(argv: list[str] | None = None) -> None:
             200,
             [4],
         )
+    if args.sweep is not None:  # the same grid, one cell per Ray task, into a resumable folder
+        from isvit_viz.sweep import SweepSpec, run_sweep, sweep_report
+
+        spec = SweepSpec(models=args.models, methods=args.methods, bits=args.bits, seeds=args.seeds, calib=args.calib,
+                         iters=args.iters, test=args.test, device=args.device, threads=args.threads,
+                         matmul_dtype=args.matmul_dtype, softmax_quantizer=args.softmax_quantizer, sos=not args.no_sos)  # fmt: skip
+        run_sweep(spec, args.sweep, address=args.address)
+        print(sweep_report(args.sweep))
+        return
     rows, raw = [], []
     for name in args.models:
         model, splits = iv.load_embedded(name)
@@ -54,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
         recs = run_grid(model, calib, splits.test(args.test), args.methods,
                         [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds, batch_size=min(64, args.calib),
-                        device=args.device, matmul_dtype=args.matmul_dtype, softmax_quantizer=args.softmax_quantizer)  # fmt: skip
+                        device=args.device, matmul_dtype=args.matmul_dtype, softmax_quantizer=args.softmax_quantizer, sos=not args.no_sos)  # fmt: skip
         raw += [{"model": name, **r} for r in recs]
         for m in args.methods:
             for b in args.bits:

@@ -15,16 +15,19 @@ from ._version_guard import check_timm_version
 
 check_timm_version()
 
-from . import experiments, paper  # noqa: E402
+from . import analysis, experiments, paper  # noqa: E402
 from .calib.pipeline import QuantResult, quantize  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .models.embedded import load_embedded  # noqa: E402
+from .models.support import UnsupportedModelError  # noqa: E402
 from .serialization import load_quantized, save_quantized  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantResult",
+    "UnsupportedModelError",
+    "analysis",
     "__version__",
     "evaluate",
     "experiments",

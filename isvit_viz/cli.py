@@ -33,10 +33,48 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _load_model_and_data(args: argparse.Namespace, n_calib: int, n_test: int | None):
-    """(fp_model, calib images tensor, test loader) for an embedded model or a timm model + ImageNet."""
-    import torch
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
 
+
+def _workers(args: argparse.Namespace) -> int:
+    from .data.imagenet import default_workers
+
+    w = getattr(args, "workers", None)
+    return default_workers() if w is None else w
+
+
+def _eval_dtype(args: argparse.Namespace, device: Any) -> str:
+    """``--eval-dtype``: autocast for the FP reference, CUDA only (CPU autocast would change what is measured)."""
+    dtype = getattr(args, "eval_dtype", None) or "float32"
+    if dtype != "float32" and device.type != "cuda":
+        raise CLIError(f"--eval-dtype {dtype} applies to CUDA evaluation; pass --device cuda or drop it")
+    return dtype
+
+
+def _imagenet_folders(data_arg: str | None, model_name: str, need_train: bool) -> tuple[Path, Path]:
+    if not data_arg:
+        raise CLIError(f"--data DIR (ImageNet with train/ and val/) is required for {model_name}")
+    data = Path(data_arg)
+    for sub in ("train", "val") if need_train else ("val",):
+        if not (data / sub).is_dir():
+            raise CLIError(f"--data {data}: missing folder {data / sub}")
+    return data / "train", data / "val"
+
+
+def _load_model_and_data(args: argparse.Namespace, n_calib: int, n_test: int | None):
+    """(fp_model, calib images tensor, test loader) for an embedded model or a timm model + ImageNet.
+
+    ImageNet: the calibration set is ``n_calib`` random train images (seeded: the official rule), the
+    test set all of val or a seeded class-stratified subset of ``n_test`` images. Every input check
+    (folders, image counts, class count against the model's head) runs before any image is decoded.
+    """
     from .models import EMBEDDED_MODELS, create
 
     if args.model in EMBEDDED_MODELS:
@@ -48,18 +86,25 @@ def _load_model_and_data(args: argparse.Namespace, n_calib: int, n_test: int | N
         splits = EmbeddedSplits()
         calib_x, _ = splits.calib_tensors(n_calib, seed=args.seed)
         return model, calib_x, splits.test(n_test)
-    if not args.data:
-        raise CLIError(f"--data DIR (ImageNet with train/ and val/) is required for {args.model}")
-    from .data import imagefolder_loader
+    from .data.imagenet import check_classes, dataset_classes, imagefolder_dataset, imagefolder_loader
 
-    data = Path(args.data)
-    for sub in ("train", "val"):
-        if not (data / sub).is_dir():
-            raise CLIError(f"--data {data}: missing folder {data / sub}")
+    train, val = _imagenet_folders(args.data, args.model, need_train=True)
     model = create(args.model, weights=args.weights)
-    calib = imagefolder_loader(data / "train", args.model, n=n_calib, shuffle_seed=args.seed)
-    calib_x = torch.cat([x for x, _ in calib])
-    return model, calib_x, imagefolder_loader(data / "val", args.model, n=n_test, batch_size=200)
+    workers = _workers(args)
+    calib_ds = imagefolder_dataset(train, model, n_calib, seed=args.seed, sampling="random")
+    pin = str(getattr(args, "device", "cpu")).startswith("cuda")
+    test_loader = imagefolder_loader(val, model, n=n_test, batch_size=200, num_workers=workers, seed=args.seed,
+                                     pin_memory=pin)  # fmt: skip
+    check_classes(dataset_classes(calib_ds), model, train)
+    check_classes(dataset_classes(test_loader), model, val)
+    if dataset_classes(calib_ds) != dataset_classes(test_loader):
+        raise CLIError(f"--data {args.data}: train/ and val/ have different class folders")
+    import torch
+    from torch.utils.data import DataLoader
+
+    calib_loader = DataLoader(calib_ds, batch_size=64, num_workers=workers)
+    calib_x = torch.cat([x for x, _ in calib_loader])
+    return model, calib_x, test_loader
 
 
 def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
@@ -76,16 +121,94 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+EMBEDDED_DEFAULT = ("vit", "swin")
+#: Warn when the measured FP top-1 differs from the paper's by more than this (percentage points).
+PAPER_FP_TOLERANCE = 0.3
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import isvit_viz as iv
 
+    from .utils import resolve_device
+
+    device = resolve_device(getattr(args, "device", "cpu"))
+    if getattr(args, "model", None):
+        if args.models:
+            raise CLIError("give either embedded model names (vit, swin) or --model NAME, not both")
+        if not args.model.startswith("embedded-"):
+            return _evaluate_timm(args, device)
+        names = [args.model.split("-", 1)[1]]
+    else:
+        if getattr(args, "data", None) or getattr(args, "weights", None):
+            raise CLIError("--data/--weights need --model NAME (a timm model)")
+        names = args.models or list(EMBEDDED_DEFAULT)
+        bad = [n for n in names if n not in EMBEDDED_DEFAULT]
+        if bad:
+            raise CLIError(f"unknown embedded model {bad[0]!r}; choose from {list(EMBEDDED_DEFAULT)} or pass --model NAME")
+    dtype = _eval_dtype(args, device)
     rows = []
-    for name in args.models:
+    for name in names:
         model, splits = iv.load_embedded(name)
-        res = iv.evaluate(model, splits.test(args.n), progress=not args.quiet)
+        res = iv.evaluate(model.to(device), splits.test(args.n), device, progress=not args.quiet, dtype=dtype)
         rows.append({"model": f"embedded-{name}", "top1": res["top1"], "top5": res["top5"], "n": res["n"]})
     _print_table(rows, ["model", "top1", "top5", "n"])
     return 0
+
+
+def _evaluate_timm(args: argparse.Namespace, device: Any) -> int:
+    """FP top-1/top-5 of a timm model on ``--data``/val (all, or a stratified subset), beside the paper's FP number."""
+    import isvit_viz as iv
+
+    from .data.imagenet import check_classes, dataset_classes, imagefolder_loader
+    from .models import PAPER_MODELS, create
+    from .models.weights import weights_record
+
+    _, val = _imagenet_folders(args.data, args.model, need_train=False)
+    dtype = _eval_dtype(args, device)
+    model = create(args.model, weights=args.weights)
+    loader = imagefolder_loader(val, model, n=args.n, batch_size=args.batch_size, num_workers=_workers(args), seed=args.seed,
+                                pin_memory=device.type == "cuda")  # fmt: skip
+    check_classes(dataset_classes(loader), model, val)
+    res = iv.evaluate(model.to(device), loader, device, progress=not args.quiet, dtype=dtype)
+    paper = PAPER_MODELS.get(args.model.split(".", 1)[0])
+    top1 = 100 * res["top1"]
+    row = {"model": args.model, "top1_%": round(top1, 2), "top5_%": round(100 * res["top5"], 2), "n": res["n"],
+           "paper_fp_top1_%": paper, "diff_points": None if paper is None else round(top1 - paper, 2)}  # fmt: skip
+    _print_table([row], list(row))
+    w = weights_record(model)
+    print(f"weights: {w['weights']} {w['weights_file'] or ''} sha256={w['weights_sha256']} timm tag={w['timm_pretrained_tag']}")
+    if paper is not None and abs(top1 - paper) > PAPER_FP_TOLERANCE:
+        subset = f" (on {res['n']} images; the paper uses all 50,000)" if args.n else ""
+        print(f"warning: measured FP top-1 {top1:.2f} % differs from the paper's {paper:.2f} % by {abs(top1 - paper):.2f} "
+              f"points (> {PAPER_FP_TOLERANCE}){subset}: papers compare against different checkpoints of the same "
+              "name; check the weights file", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+#: What ``quantize --out`` writes; ``--overwrite`` removes exactly these (never other files in the folder).
+RUN_OUTPUTS = ("checkpoint", "results.json", "model.pt")
+
+
+def _prepare_out(args: argparse.Namespace) -> Path | None:
+    import shutil
+
+    out = Path(args.out) if args.out else None
+    if out is None:
+        return None
+    if args.resume and args.overwrite:
+        raise CLIError("--resume continues the run in --out, --overwrite discards it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise CLIError(f"--out {out} exists and is not empty; choose another folder, or pass --resume / --overwrite")
+    if args.overwrite and out.exists():
+        for name in RUN_OUTPUTS:  # a stale checkpoint would otherwise be resumed as if it were this run
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    return out
 
 
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,30 +218,34 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import isvit_viz as iv
 
     from .evaluate import compare_to_fp
+    from .models.weights import weights_record
     from .utils import atomic_write_json, resolve_device, seed_everything
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise CLIError(f"--out {out} exists and is not empty; choose another folder, or pass --resume / --overwrite")
+    out = _prepare_out(args)
     device = resolve_device(args.device)
+    eval_dtype = _eval_dtype(args, device)
     seed_everything(args.seed)
     torch.set_num_threads(max(1, args.threads))
     model, calib_x, test_loader = _load_model_and_data(args, args.calib, args.test_images)
+    model = model.to(device)
     t0 = time.perf_counter()
     res = iv.quantize(
-        model.to(device), args.method, args.w_bits, args.a_bits, calib_x, iters=args.iters, device=device, seed=args.seed,
+        model, args.method, args.w_bits, args.a_bits, calib_x, iters=args.iters, device=device, seed=args.seed,
         checkpoint_dir=(out / "checkpoint") if out is not None else None, progress=not args.quiet,
-        matmul_dtype=getattr(args, "matmul_dtype", "float32"),
+        matmul_dtype=getattr(args, "matmul_dtype", "float32"), batch_size=getattr(args, "batch_size", 64),
     )  # fmt: skip
     wall = time.perf_counter() - t0
-    cmp = compare_to_fp(model, res.model, test_loader, device, progress=not args.quiet)
+    del calib_x  # evaluation needs only the test loader
+    cmp = compare_to_fp(model, res.model, test_loader, device, progress=not args.quiet, fp_dtype=eval_dtype)
     record = {
         "model": args.model, "method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
-        "calib_images": int(len(calib_x)), "iters": res.config["iters"], "fp_top1": cmp["fp_top1"],
+        "calib_images": int(res.config["calib_images"]), "iters": res.config["iters"], "fp_top1": cmp["fp_top1"],
         "q_top1": cmp["q_top1"], "agree_top1": cmp["agree_top1"], "kl_to_fp": cmp["kl_to_fp"], "test_images": cmp["n"],
+        "test_subset": "all" if args.test_images is None else ("stratified" if args.data else "first"),
         "wall_s": round(wall, 2), "stage_s": {k: round(v, 2) for k, v in res.timings.items()},
         "peak_rss_mb": _peak_rss_mb(), "device": str(device), "seed": args.seed, "version": __version__,
-        "matmul_dtype": getattr(args, "matmul_dtype", "float32"),
+        "matmul_dtype": getattr(args, "matmul_dtype", "float32"), "eval_dtype": eval_dtype,
+        "batch_size": res.config["batch_size"], "workers": _workers(args) if args.data else 0, **weights_record(model),
     }  # fmt: skip
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +302,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a method x bits x model x seed grid as Ray tasks (or serially), or print a sweep's report."""
+    from .sweep.command import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .calib.methods import METHODS
     from .models import available_models
@@ -194,9 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-notebooks", action="store_true", help="skip executing the notebooks")
     d.set_defaults(func=cmd_demo)
 
-    e = sub.add_parser("evaluate", help="FP accuracy of the embedded models")
-    e.add_argument("models", nargs="*", default=["vit", "swin"], choices=["vit", "swin"])
-    e.add_argument("--n", type=_positive_int, default=None, help="first N test images (default all 10,000)")
+    e = sub.add_parser(
+        "evaluate", help="FP accuracy: the embedded models, or a timm model on ImageNet val beside the paper's FP number"
+    )
+    e.add_argument("models", nargs="*", metavar="{vit,swin}", help="embedded models (default both)")
+    e.add_argument("--model", default=None, help="a timm model name (with --weights and --data), or embedded-vit/-swin")
+    e.add_argument("--weights", default=None, help="local weight file (.safetensors/.pth/.bin), or 'timm' to download")
+    e.add_argument("--data", default=None, help="ImageNet root with val/ (timm models)")
+    e.add_argument("--n", type=_positive_int, default=None,
+                   help="subset: first N embedded test images; for ImageNet a seeded class-stratified subset of val")  # fmt: skip
+    e.add_argument("--seed", type=int, default=0, help="seed of the stratified subset")
+    e.add_argument("--batch-size", type=_positive_int, default=200)
+    e.add_argument("--workers", type=_non_negative_int, default=None, help="JPEG decoding processes (default min(8, CPUs))")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="autocast on CUDA")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -210,27 +355,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reproduce)
 
     q = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy")
-    q.add_argument("--model", required=True, choices=available_models())
+    q.add_argument("--model", required=True, help=f"one of {available_models()} or any timm ViT/DeiT/Swin name")
     q.add_argument("--method", default="isvit", choices=sorted(METHODS))
     q.add_argument("--w-bits", type=int, default=4)
     q.add_argument("--a-bits", type=int, default=4)
-    q.add_argument("--calib", type=_positive_int, default=1024, help="calibration images (default 1024)")
+    q.add_argument(
+        "--calib", type=_positive_int, default=1024, help="calibration images: random train images, seeded (default 1024)"
+    )
     q.add_argument("--iters", type=int, default=None, help="iterations per unit and stage (default 1000; 200 at >= 6 bits)")
-    q.add_argument("--test-images", type=_positive_int, default=None, help="evaluate on the first N test images")
+    q.add_argument("--batch-size", type=_positive_int, default=64, help="reconstruction mini-batch (default 64, the paper's)")
+    q.add_argument("--test-images", type=_positive_int, default=None,
+                   help="evaluate on N test images: a seeded class-stratified subset of ImageNet val (embedded: the first N)")  # fmt: skip
     q.add_argument("--data", default=None, help="ImageNet root with train/ and val/ (timm models)")
-    q.add_argument("--weights", default=None, help="local weight file for a timm model, or 'timm' to download")
+    q.add_argument("--weights", default=None, help="local weight file (.safetensors/.pth/.bin), or 'timm' to download")
     q.add_argument("--device", default="cpu")
     q.add_argument("--threads", type=_positive_int, default=2)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--workers", type=_non_negative_int, default=None, help="JPEG decoding processes (default min(8, CPUs))")
+    q.add_argument("--seed", type=int, default=0, help="seeds calibration draw, test subset and reconstruction")
     q.add_argument(
         "--matmul-dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: faster reconstruction matmuls"
     )
+    q.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="autocast dtype of the FP reference evaluation (CUDA only)")  # fmt: skip
     q.add_argument("--out", default=None, help="folder for results.json (and model.pt with --save-model)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    q.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    q.add_argument("--overwrite", action="store_true", help="discard a previous run in --out (checkpoint, results, model)")
     q.add_argument("--save-model", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    from .sweep.command import add_arguments as add_sweep_arguments
+
+    sw = sub.add_parser("sweep", help="run a model x method x bits x seed grid as Ray tasks (resumable), or report it")
+    add_sweep_arguments(sw)
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

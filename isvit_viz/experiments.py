@@ -13,7 +13,7 @@ from torch import nn
 from .calib.pipeline import quantize
 from .evaluate import compare_to_fp, predict_logits
 from .paper import paper_top1
-from .utils import peak_rss_mb, reset_peak_rss
+from .utils import peak_rss_mb, reset_peak_rss, resolve_device
 
 
 def run_grid(
@@ -25,6 +25,8 @@ def run_grid(
     iters: int | None = None,
     seeds: Sequence[int] = (0,),
     progress: bool = False,
+    device: str | torch.device | None = None,
+    fp_dtype: str | None = None,
     **quantize_kw: Any,
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` with every method x bit setting x seed; one record per run with FP and
@@ -33,29 +35,37 @@ def run_grid(
 
     ``calib`` is either one calibration batch ``(N, C, H, W)`` shared by all runs (the seed then
     varies only the mini-batch sampling and QDrop's masks) or a function ``seed -> batch`` that
-    draws each seed's own calibration set, as PTQ papers do when they report several seeds."""
-    batches = list(test_loader)
-    fp_outputs = predict_logits(model, batches, progress=False)  # once, not once per run
+    draws each seed's own calibration set, as PTQ papers do when they report several seeds.
+
+    ``test_loader`` is streamed (a DataLoader, or a list of batches): the FP logits are computed once
+    per grid, then the loader is iterated once per quantized model; only logits are kept. ``device``:
+    where the FP model (moved there) and every quantization run execute (default: the model's device).
+    ``fp_dtype``: autocast dtype for the FP reference (``"bfloat16"`` / ``"float16"``)."""
+    dev = resolve_device(device, model)
+    model = model.to(dev)
+    fp_outputs = predict_logits(model, test_loader, dev, progress=False, dtype=fp_dtype)  # once, not once per run
     records = []
     for method in methods:
         for wb, ab in bit_settings:
             for seed in seeds:
-                cuda = torch.cuda.is_available() and torch.device(quantize_kw.get("device") or "cpu").type == "cuda"
+                cuda = dev.type == "cuda"
                 if cuda:
-                    torch.cuda.reset_peak_memory_stats()
+                    torch.cuda.reset_peak_memory_stats(dev)
                 reset_peak_rss()  # each record's peak is its own run's (Linux)
                 t0 = time.perf_counter()
                 images = calib(seed) if callable(calib) else calib
-                res = quantize(model, method, wb, ab, images, iters=iters, seed=seed, progress=progress, **quantize_kw)
+                res = quantize(model, method, wb, ab, images, iters=iters, seed=seed, progress=progress, device=dev,
+                               **quantize_kw)  # fmt: skip
                 wall = time.perf_counter() - t0
-                cmp = compare_to_fp(model, res.model, batches, progress=False, fp_outputs=fp_outputs)
+                cmp = compare_to_fp(model, res.model, test_loader, dev, progress=False, fp_outputs=fp_outputs)
                 records.append({
                     "method": method, "w_bits": wb, "a_bits": ab, "seed": seed, "iters": res.config["iters"],
                     "calib_images": res.config["calib_images"], **cmp, "wall_s": wall, "stage_s": dict(res.timings),
                     "peak_rss_mb": peak_rss_mb(),
-                    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                    "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
                     "paper_deit_s_top1": paper_top1(method, wb, ab),
                 })  # fmt: skip
+                del res
     return records
 
 

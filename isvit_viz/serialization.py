@@ -18,8 +18,12 @@ FORMAT = "isvit_viz.quantized"
 FORMAT_VERSION = 1
 
 
-def save_quantized(result: QuantResult, path: str | Path) -> Path:
-    """Write ``result`` (model state incl. quantizer buffers, switches, config) atomically to ``path``."""
+def save_quantized(result: QuantResult, path: str | Path, integer_attention: dict[str, Any] | None = None) -> Path:
+    """Write ``result`` (model state incl. quantizer buffers, switches, config) atomically to ``path``.
+
+    ``integer_attention``: optional exported integer attention parameters (``isvit_viz.integer``),
+    stored under that key; files without it are unchanged.
+    """
     if not isinstance(result, QuantResult):
         raise ValueError(f"save_quantized expects a QuantResult, got {type(result).__name__}")
     path = Path(path)
@@ -34,6 +38,8 @@ def save_quantized(result: QuantResult, path: str | Path) -> Path:
         "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
         "quant_flags": flags,
     }
+    if integer_attention is not None:
+        payload["integer_attention"] = integer_attention
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -40,11 +40,11 @@ def main() -> None:
         train = json.loads((src / "train_result.json").read_text())
         _write_manifest()
         import isvit_viz as iv
-        from isvit_viz import viz
+        from isvit_viz import analysis
 
         model, splits = iv.load_embedded(name)
         res = iv.evaluate(model, splits.test(), progress=False)
-        stats = viz.capture_attention(model, splits.test_tensors(args.stat_images)[0], sample_per_layer=0)
+        stats = analysis.capture_attention(model, splits.test_tensors(args.stat_images)[0], sample_per_layer=0)
         metrics[name] = {
             "top1": res["top1"], "top5": res["top5"], "n": res["n"],
             "train": {k: v for k, v in train.items() if k != "log"}, "train_log": train["log"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from isvit_viz import viz
+from isvit_viz import analysis, viz
 from isvit_viz.models import build_from_spec
 from isvit_viz.quant import SULQ, Log2Quantizer
 
@@ -22,7 +22,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def stats(vit, images):
-    return viz.capture_attention(vit, images, batch_size=16)
+    return analysis.capture_attention(vit, images, batch_size=16)
 
 
 def test_histogram_mass_equals_captured_values(stats):
@@ -38,10 +38,10 @@ def test_capture_works_on_quantized_model_and_removes_hooks(vit, images):
     import isvit_viz as iv
 
     res = iv.quantize(vit, "repq-vit", 4, 4, images, progress=False)
-    st = viz.capture_attention(res.model, images[:8])
+    st = analysis.capture_attention(res.model, images[:8])
     assert st.n_layers == 6
     # softmax rows still sum to one after capture; hooks are gone
-    assert all(len(m.attn_drop._forward_hooks) == 0 for _, m in viz.attention_modules(res.model))
+    assert all(len(m.attn_drop._forward_hooks) == 0 for _, m in analysis.attention_modules(res.model))
 
 
 def test_levels_drawn_equal_quantizer_levels(stats):
@@ -84,15 +84,15 @@ def test_coverage_table_and_heatmap(stats):
 
 
 def test_block_landscape_centre_and_restoration(vit, images):
-    models = viz.fig3_models(vit, images, bits=4, init_images=32)
-    assert set(models) == set(viz.FIG3_CONFIGS)
+    models = analysis.fig3_models(vit, images, bits=4, init_images=32)
+    assert set(models) == set(analysis.FIG3_CONFIGS)
     q = models["fp_w_a_channel"]
     before = {k: v.clone() for k, v in q.state_dict().items()}
-    land = viz.block_landscape(q, vit, block=2, images=images[:16], steps=5, extent=0.3)
+    land = analysis.block_landscape(q, vit, block=2, images=images[:16], steps=5, extent=0.3)
     assert land.Z.shape == (5, 5)
     # the centre equals the unperturbed loss
+    from isvit_viz.analysis.landscape import _block_io
     from isvit_viz.calib.recon import recon_loss
-    from isvit_viz.viz.landscape import _block_io
 
     x, y = _block_io(vit, vit.blocks[2], images[:16])
     with torch.no_grad():
@@ -100,9 +100,9 @@ def test_block_landscape_centre_and_restoration(vit, images):
     assert land.center == pytest.approx(ref, rel=1e-6)
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     with pytest.raises(ValueError, match=r"block must be in \[0, 5\]"):
-        viz.block_landscape(q, vit, block=9, images=images[:4])
+        analysis.block_landscape(q, vit, block=9, images=images[:4])
     with pytest.raises(ValueError, match="range must be > 0"):
-        viz.block_landscape(q, vit, block=0, images=images[:4], extent=0)
+        analysis.block_landscape(q, vit, block=0, images=images[:4], extent=0)
 
 
 def test_model_landscape_restores_and_matches_loss_landscapes(vit, images):
@@ -116,7 +116,7 @@ def test_model_landscape_restores_and_matches_loss_landscapes(vit, images):
     m = copy.deepcopy(vit)
     flags = [p.requires_grad for p in m.parameters()]
     before = [p.detach().clone() for p in m.parameters()]
-    land = viz.model_landscape(m, metric, extent=0.5, steps=3)
+    land = analysis.model_landscape(m, metric, extent=0.5, steps=3)
     with torch.no_grad():
         ref = float(torch.nn.functional.cross_entropy(m(images[:16]), labels))
     assert land.center == pytest.approx(ref, rel=1e-6)
@@ -127,7 +127,7 @@ def test_model_landscape_restores_and_matches_loss_landscapes(vit, images):
     with torch.no_grad():
         for p in end.parameters():
             p.mul_(1.05)
-    ours = viz.linear_path(m, end, metric, steps=4)
+    ours = analysis.linear_path(m, end, metric, steps=4)
     theirs = ll.linear_interpolation(copy.deepcopy(m), copy.deepcopy(end), metric, steps=4, deepcopy_model=True)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
 
@@ -163,8 +163,29 @@ def test_explorer_callbacks_redraw(stats):
     assert "eta=1e-05" in box.children[1].value
 
 
+def _widget_texts(box) -> list[str]:
+    """Every text a widget tree shows: HTML/label values and the Output widgets' stored outputs."""
+    texts = []
+    for w in getattr(box, "children", ()):
+        texts += _widget_texts(w)
+    if hasattr(box, "outputs"):
+        texts += [str(o) for o in box.outputs]
+    elif isinstance(getattr(box, "value", None), str):
+        texts.append(box.value)
+    return texts
+
+
+def test_explorer_readout_shown_once(stats, capsys):
+    # outside a kernel, what the widget prints into its Output area goes to stdout: count it there too
+    capsys.readouterr()
+    box = viz.quantizer_explorer(stats, layer=4, bits=3)
+    box.children[0].children[1].value = 5  # a redraw must not add a second copy either
+    shown = "\n".join(_widget_texts(box)) + capsys.readouterr().out
+    assert shown.count("RESULT") == 1 and "RESULT sulq bits=5" in box.children[1].value
+
+
 def test_landscape_explorer(vit, images):
-    land = viz.Landscape(np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), np.arange(9.0).reshape(3, 3) + 1)
+    land = analysis.Landscape(np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), np.arange(9.0).reshape(3, 3) + 1)
     box = viz.landscape_explorer({(0, "stage1", "a"): land, (0, "stage3", "a"): land})
     with pytest.raises(ValueError):
         viz.landscape_explorer({})
@@ -188,8 +209,11 @@ def test_sulq_levels_on_real_shift():
     assert fig.axes[0].get_xscale() == "log"
 
 
-def test_landscape_bits_explorer_redraws(vit, images):
+def test_landscape_bits_explorer_redraws(vit, images, capsys):
+    capsys.readouterr()
     box = viz.landscape_bits_explorer(vit, images[:32], block=1, bits=3, eta=1e-2, steps=3)
+    # the RESULT line appears once: in the readout, not also printed into the Output area
+    assert ("\n".join(_widget_texts(box)) + capsys.readouterr().out).count("RESULT") == 1
     sliders = {w.description: w for w in box.children[0].children}
     first = box.children[1].value
     assert "bits=3" in first

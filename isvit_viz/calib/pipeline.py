@@ -49,10 +49,10 @@ class QuantResult:
 def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """Units in forward order: ``(name, module, kind)`` with kind ``"layer"`` or ``"block"``.
 
-    Patch-embedding conv, every transformer block, Swin PatchMerging reductions, and the head.
+    Patch-embedding conv, every transformer block (the guard's block kinds, incl. parallel blocks),
+    Swin PatchMerging reductions, and the heads (``head``/``head.fc``, DeiT's ``head_dist``).
     """
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.vision_transformer import Block
+    from ..models.support import HEAD_LINEARS, block_types
 
     units: list[tuple[str, nn.Module, str]] = []
     taken: list[str] = []
@@ -60,11 +60,9 @@ def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         if any(name.startswith(t + ".") for t in taken):
             continue
         leaf = name.rpartition(".")[2]
-        if isinstance(mod, (Block, SwinTransformerBlock)):
+        if type(mod) in block_types():
             units.append((name, mod, "block"))
-        elif isinstance(mod, QuantConv2d) or (
-            isinstance(mod, QuantLinear) and (leaf == "reduction" or name in ("head", "head.fc"))
-        ):
+        elif isinstance(mod, QuantConv2d) or (isinstance(mod, QuantLinear) and (leaf == "reduction" or name in HEAD_LINEARS)):
             units.append((name, mod, "layer"))
         else:
             continue
@@ -167,7 +165,12 @@ def quantize(
         matmul_dtype: ``"bfloat16"`` runs the reconstruction's matrix products in bf16 (quantizers,
             norms and softmax stay fp32); several times faster on CPUs with AMX and on GPUs. The
             returned model always evaluates in fp32.
+
+    Raises:
+        UnsupportedModelError: (a ``ValueError``) before any work, for architectures whose wrapping,
+            reparameterization or reconstruction is not implemented (names the module path and class).
     """
+    kind = supported_model(model)  # architecture guard first (isvit_viz.models.support)
     spec = resolve_method(method, softmax_quantizer, sos)
     qcfg = QuantConfig(
         w_bits=w_bits, a_bits=a_bits, softmax=spec.softmax, softmax_kwargs=dict(spec.softmax_kwargs),
@@ -176,7 +179,6 @@ def quantize(
     )  # fmt: skip
     n_iters = _iters_for(spec, iters, a_bits)
     rcfg = ReconConfig(iters=n_iters, batch_size=batch_size, lr=lr, act_drop_prob=spec.act_drop_prob, matmul_dtype=matmul_dtype)
-    kind = supported_model(model)
     images = _as_image_tensor(calib)
     check_input_shape(model, images)
     if spec.schedule != "none" and len(images) < batch_size:
@@ -308,40 +310,60 @@ def quantize(
 
 
 class _Checkpoint:
-    """Atomic progress checkpoints for resumable calibration (one file, replaced after every unit)."""
+    """Atomic progress checkpoints for resumable calibration (one file, replaced after every unit).
+
+    ``progress.pt`` holds only tensors (model state, RNG states) and one JSON string with the rest
+    (configuration incl. the package version, stage, timings, losses, quantizer switches), so it is
+    read with ``torch.load(weights_only=True)``: a shared run folder cannot execute code when resumed.
+    """
+
+    FORMAT = 2
 
     def __init__(self, folder: str | Path, config: dict[str, Any]) -> None:
+        from .. import __version__
+
         self.folder = Path(folder)
         self.path = self.folder / "progress.pt"
-        self.config = json.loads(json.dumps(config, default=str))
+        self.config = json.loads(json.dumps({**config, "isvit_viz_version": __version__}, default=str))
+
+    def _refuse(self, why: str) -> ValueError:
+        return ValueError(f"checkpoint {self.path} {why}; delete {self.folder} (CLI: --overwrite) or use another checkpoint_dir")
 
     def load(self, qmodel: nn.Module, gen: torch.Generator) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
         try:
-            state = torch.load(self.path, weights_only=False, map_location="cpu")
-        except Exception as e:  # a damaged checkpoint must not be silently ignored
-            raise ValueError(f"cannot read checkpoint {self.path}: {e}") from e
-        if state.get("config") != self.config:
-            raise ValueError(f"checkpoint {self.path} was written for a different run configuration; use another checkpoint_dir")
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as e:  # a damaged or foreign checkpoint must not be silently ignored
+            raise self._refuse(f"cannot be read safely (weights_only=True): {str(e).splitlines()[0] if str(e) else e!r}") from e
+        if not isinstance(state, dict) or not isinstance(state.get("meta"), str):
+            raise self._refuse("was written by an older isvit_viz (no version recorded)")
+        meta = json.loads(state["meta"])
+        if meta.get("format") != self.FORMAT:
+            raise self._refuse(f"has checkpoint format {meta.get('format')!r}, this code writes {self.FORMAT}")
+        theirs, ours = meta["config"].get("isvit_viz_version"), self.config["isvit_viz_version"]
+        if theirs != ours:
+            raise self._refuse(f"was written by isvit_viz {theirs}, this is {ours}; results would mix two code versions")
+        if meta["config"] != self.config:
+            raise self._refuse("was written for a different run configuration")
         qmodel.load_state_dict(state["model"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         for name, mod in qmodel.named_modules():
-            flags = state["quant_flags"].get(name)
+            flags = meta["quant_flags"].get(name)
             if flags is not None:
                 mod.weight_quant, mod.act_quant = flags
-        return state
+        return meta
 
     def save(
         self, qmodel: nn.Module, gen: torch.Generator, stage: str, next_unit: int, result: QuantResult, stages_done: list[str]
     ) -> None:
-        flags = {n: (m.weight_quant, m.act_quant) for n, m in qmodel.named_modules() if hasattr(m, "act_quant")}
-        state = {
-            "config": self.config, "model": qmodel.state_dict(), "generator": gen.get_state(), "stage": stage, "torch_rng": torch.get_rng_state(),
-            "next_unit": next_unit, "stages_done": list(stages_done), "timings": dict(result.timings),
-            "unit_losses": list(result.unit_losses), "quant_flags": flags,
+        flags = {n: [bool(m.weight_quant), bool(m.act_quant)] for n, m in qmodel.named_modules() if hasattr(m, "act_quant")}
+        meta = {
+            "format": self.FORMAT, "config": self.config, "stage": stage, "next_unit": next_unit, "stages_done": list(stages_done),
+            "timings": dict(result.timings), "unit_losses": list(result.unit_losses), "quant_flags": flags,
         }  # fmt: skip
+        state = {"meta": json.dumps(meta), "model": qmodel.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
         atomic_torch_save(state, self.path)
 
     def finish(self) -> None:

@@ -21,19 +21,22 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..models.support import post_ln_links
 from ..quant.modules import QuantLinear
 from ..quant.uniform import UniformQuantizer
 
 
 def post_ln_pairs(model: nn.Module) -> Iterator[tuple[str, nn.LayerNorm, QuantLinear]]:
-    """(block name, LayerNorm, following QuantLinear) for norm1 -> attn.qkv and norm2 -> mlp.fc1."""
-    for name, mod in model.named_modules():
-        attn, mlp = getattr(mod, "attn", None), getattr(mod, "mlp", None)
-        if attn is None or mlp is None or not hasattr(mod, "norm1") or not hasattr(mod, "norm2"):
-            continue
-        for ln, nxt in ((mod.norm1, getattr(attn, "qkv", None)), (mod.norm2, getattr(mlp, "fc1", None))):
-            if isinstance(ln, nn.LayerNorm) and isinstance(nxt, QuantLinear):
-                yield name, ln, nxt
+    """(block name, LayerNorm, following QuantLinear) for every SOS pair of a wrapped model.
+
+    The pairs come from the architecture guard (:func:`isvit_viz.models.support.post_ln_links`):
+    ``norm1 -> attn.qkv`` and ``norm2 -> mlp.fc1`` of pre-norm blocks (and of every branch of a
+    parallel block), where the LayerNorm output feeds only that Linear, so folding is exact.
+    """
+    for block, ln_path, lin_path in post_ln_links(model):
+        ln, nxt = model.get_submodule(ln_path), model.get_submodule(lin_path)
+        if isinstance(ln, nn.LayerNorm) and isinstance(nxt, QuantLinear):
+            yield block, ln, nxt
 
 
 @torch.no_grad()
@@ -53,6 +56,8 @@ def fold_channel_scales(ln: nn.LayerNorm, linear: QuantLinear, round_zero_point:
     w = linear.weight.double()
     shift = w @ (s * r2)
     if linear.bias is None:
+        # A bias-free Linear (qkv_bias=False) needs one for the shift; QuantLinear recreates it when a
+        # state dict that carries it is loaded, so save/load and resume round-trip bit-identically.
         linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device))
     linear.bias.copy_((linear.bias.double() - shift).to(linear.bias.dtype))
     linear.weight.copy_((w * r1[None, :]).to(linear.weight.dtype))

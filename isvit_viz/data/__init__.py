@@ -4,6 +4,24 @@ from .fashion_mnist import CLASSES, EmbeddedSplits, load_debian_split, normalize
 
 __all__ = ["CLASSES", "EmbeddedSplits", "load_debian_split", "normalize"]
 
-from .imagenet import build_transform, imagefolder_loader, preprocessing_config  # noqa: E402
+from .imagenet import (  # noqa: E402
+    build_transform,
+    calibration_images,
+    default_workers,
+    imagefolder_dataset,
+    imagefolder_loader,
+    preprocessing_config,
+    preprocessing_differences,
+    stratified_indices,
+)
 
-__all__ += ["build_transform", "imagefolder_loader", "preprocessing_config"]
+__all__ += [
+    "build_transform",
+    "calibration_images",
+    "default_workers",
+    "imagefolder_dataset",
+    "imagefolder_loader",
+    "preprocessing_config",
+    "preprocessing_differences",
+    "stratified_indices",
+]

@@ -33,11 +33,16 @@ def create(name: str, weights: str | Path | None = None, **timm_kwargs: Any) -> 
     """Create a model ready for quantization (eval mode, unfused attention).
 
     Args:
-        name: ``embedded-vit`` / ``embedded-swin`` (trained weights shipped in the package) or one of
-            the paper's timm names (``deit_small_patch16_224``, ...; see :func:`available_models`).
+        name: ``embedded-vit`` / ``embedded-swin`` (trained weights shipped in the package) or any timm
+            model name (``deit_small_patch16_224``, ``vit_base_patch16_224.augreg_in21k_ft_in1k``, ...; the
+            paper's seven are :data:`PAPER_MODELS`). Whether an architecture can be quantized is checked
+            by :func:`isvit_viz.quantize`; an unknown name raises ``ValueError`` here.
         weights: for timm models: ``None`` (random init: structure tests and timing only), ``"timm"``
             (timm's own pretrained download; needs network access), or a local weight file
-            (``.safetensors`` / ``.pth`` / ``.bin``) as downloaded from the Hugging Face hub.
+            (``.safetensors`` / ``.pth`` / ``.bin``, e.g. from the Hugging Face hub), loaded through
+            timm's pretrained-config overlay. A file that does not fit the architecture raises
+            ``ValueError`` naming the first mismatched key. ``model.isvit_weights`` records the file's
+            sha256 and timm's pretrained tag (:func:`isvit_viz.models.weights.weights_record`).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``).
     """
     if name in EMBEDDED_MODELS:
@@ -45,22 +50,11 @@ def create(name: str, weights: str | Path | None = None, **timm_kwargs: Any) -> 
             raise ValueError(f"{name} ships its own weights; do not pass weights=")
         model, _ = load_embedded(name.split("-", 1)[1])
         return model
-    if name not in PAPER_MODELS and name not in EXTRA_MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {available_models()}")
-    import timm
+    if isinstance(name, str) and name.startswith("embedded"):
+        raise ValueError(f"unknown model {name!r}; embedded models: {list(EMBEDDED_MODELS)}")
+    from .weights import create_timm
 
-    if weights is None:
-        model = timm.create_model(name, pretrained=False, **timm_kwargs)
-    elif weights == "timm":
-        model = timm.create_model(name, pretrained=True, **timm_kwargs)
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **timm_kwargs)
-        except Exception as e:  # timm raises several types for mismatched or damaged files
-            raise ValueError(f"cannot load weights {path} into {name}: {e}") from e
+    model = create_timm(name, weights, **timm_kwargs)
     model.isvit_build_spec = {"kind": "timm", "name": name, "kwargs": dict(timm_kwargs)}  # type: ignore[attr-defined]
     return disable_fused_attention(model).eval()
 

@@ -52,6 +52,14 @@ class QuantLinear(QuantModule):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight) if self.weight_quant else self.weight
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001
+        # SOS reparameterization gives a bias-free Linear (qkv_bias=False) a bias (calib/reparam.py);
+        # a freshly wrapped model has none yet, so create it from the saved tensor before loading.
+        key = prefix + "bias"
+        if self.bias is None and key in state_dict:  # a wrong shape is reported by the base class
+            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=self.weight.dtype, device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant and self.input_quantizer is not None:
             xq = self.input_quantizer(x)

@@ -25,7 +25,12 @@ class SULQ(Quantizer):
     ``mode="official"`` (the released code): ``y = log2(x + eta)``; eta is chosen on the 2^b-code grid
     (step ``(maxv - minv)/(2^b - 1)``) but the forward uses step ``d = (maxv - minv)/2^b`` and codes
     ``0 .. 2^b`` (so ``n_codes = 2^b + 1``) with the exact offset ``minv``:
-    ``x_hat = 2^round(q d + minv) - eta``. Its lowest level can be negative (``2^round(log2 eta) < eta``).
+    ``x_hat = 2^round(q d + minv) - eta``.
+
+    In both modes the output is a power of two minus eta, so the lowest level is negative whenever
+    ``2^e_min < eta`` (e.g. -0.0022 for 3-bit paper mode at eta = 0.01) and the highest can exceed 1
+    (x = 1 maps to 1.5 at eta = 0.5); this is the formula, kept as written. The distinct levels are
+    bounded by the integer exponent range (about ``-log2 eta + 1``), not by ``2^b``.
 
     Args:
         bits: bit-width b.

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..models.support import UnsupportedModelError, check_supported, post_ln_links  # noqa: F401 (re-exported: raised here)
 from .base import Quantizer
 from .config import QuantConfig
 from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantModule, QuantWindowAttention
@@ -15,29 +16,26 @@ from .registry import make_quantizer
 from .twin_uniform import TwinUniformQuantizer
 from .uniform import WEIGHT_PERCENTILES, UniformQuantizer
 
-#: Roles of linear layers by their attribute name (method.md 2.1).
+#: Leaf names of the Linears that read a LayerNorm output inside a block (method.md 2.1). Placement uses
+#: the exact pairs of :func:`isvit_viz.models.support.post_ln_links`; this constant is informational.
 POST_LN_LINEARS = ("qkv", "fc1")
 
 
-def _timm_classes() -> tuple[type, type, type, type]:
+def _timm_attention_classes() -> tuple[type, type]:
     from timm.layers import Attention
-    from timm.models.swin_transformer import SwinTransformer, WindowAttention
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.swin_transformer import WindowAttention
 
-    return Attention, WindowAttention, VisionTransformer, SwinTransformer
+    return Attention, WindowAttention
 
 
 def supported_model(model: nn.Module) -> str:
-    """Return ``"vit"`` or ``"swin"`` for supported timm models, else raise ``ValueError``."""
-    _, _, ViT, Swin = _timm_classes()
-    if isinstance(model, ViT):
-        return "vit"
-    if isinstance(model, Swin):
-        return "swin"
-    raise ValueError(
-        f"unsupported model class {type(model).__name__}: isvit_viz quantizes timm VisionTransformer "
-        "(ViT/DeiT) and SwinTransformer models"
-    )
+    """Return ``"vit"`` or ``"swin"`` for supported timm models, else raise ``UnsupportedModelError``.
+
+    The architecture guard (:func:`isvit_viz.models.support.check_supported`): every block, attention,
+    norm and layer must be of a kind whose wrapping, reparameterization and reconstruction are
+    implemented and tested; the error names the first offending module path and its class.
+    """
+    return check_supported(model)
 
 
 def _act_quantizer(cfg: QuantConfig, channel_wise: bool = False) -> UniformQuantizer:
@@ -67,25 +65,22 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Replace the layers of a timm ViT/DeiT/Swin in place by quant-aware modules; returns ``model``.
 
     Placement (method.md 2.1): every ``nn.Linear`` (qkv, proj, fc1, fc2, head, Swin reduction) gets a
-    weight quantizer and an input quantizer (channel-wise for qkv/fc1 when ``cfg.post_ln ==
-    "channel"``; ``cfg.post_gelu`` for fc2); the patch-embedding conv gets a weight quantizer only; both
+    weight quantizer and an input quantizer (channel-wise for the Linears that read a block LayerNorm,
+    qkv/fc1, when ``cfg.post_ln == "channel"``; ``cfg.post_gelu`` for fc2); the patch-embedding conv gets a weight quantizer only; both
     attention matmuls get operand quantizers, with ``cfg.softmax`` on the post-softmax operand.
     Quantization starts switched off (see :func:`set_quant_state`), so the model still computes FP.
 
     Raises:
-        ValueError: for unsupported model classes or layers, naming the module path.
+        UnsupportedModelError: (a ``ValueError``) for unsupported models, naming the module path and class,
+            before anything is changed.
+        ValueError: if the model is already quantized.
     """
-    Attention, WindowAttention, _, _ = _timm_classes()
-    kind = supported_model(model)
-    # Validate everything before changing anything.
+    Attention, WindowAttention = _timm_attention_classes()
     for name, mod in model.named_modules():
-        cls = type(mod).__name__
         if isinstance(mod, (QuantModule, QuantAttention, QuantWindowAttention)):
-            raise ValueError(f"model is already quantized (found {cls} at {name!r})")
-        if "Attention" in cls and not isinstance(mod, (Attention, WindowAttention)):
-            raise ValueError(f"unsupported attention module {cls} at {name!r}")
-        if isinstance(mod, nn.Conv2d) and not name.endswith("patch_embed.proj"):
-            raise ValueError(f"unsupported convolution at {name!r}: only the patch-embedding conv is handled")
+            raise ValueError(f"model is already quantized (found {type(mod).__name__} at {name!r})")
+    kind = check_supported(model)  # validate everything before changing anything
+    post_ln = {lin for _, _, lin in post_ln_links(model)}
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (Attention, WindowAttention)):
@@ -100,7 +95,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     for name, mod in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
         if isinstance(mod, nn.Linear):
-            if leaf in POST_LN_LINEARS:
+            if name in post_ln:
                 aq: Quantizer = _act_quantizer(cfg, channel_wise=cfg.post_ln == "channel")
             elif leaf == "fc2" and cfg.post_gelu == "twin_uniform":
                 aq = TwinUniformQuantizer(cfg.a_bits, kind="gelu")

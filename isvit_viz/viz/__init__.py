@@ -1,17 +1,9 @@
-"""Visualization helpers: attention capture, histograms with quantizer levels, transfer curves,
-level coverage, loss landscapes, and ipywidgets explorers."""
+"""Plots and widgets: histograms with quantizer levels, transfer curves, level coverage, loss
+landscapes, and ipywidgets explorers. Nothing here computes on a model by itself; the data come
+from :mod:`isvit_viz.analysis` (widgets call it to recompute live)."""
 
-from .attention import AttentionStats, attention_modules, capture_attention
-from .landscape import (
-    FIG3_CONFIGS,
-    Landscape,
-    block_landscape,
-    fig3_models,
-    landscape_for_setting,
-    linear_path,
-    model_landscape,
-    plot_landscape,
-)
+from .landscape_plots import plot_landscape
+from .level_plots import plot_eta_tradeoff, plot_levels_vs_bits
 from .plots import (
     coverage_table,
     plot_attention_histogram,
@@ -22,28 +14,37 @@ from .plots import (
     quantizer_for,
     save_figure,
 )
+from .result_plots import plot_calibration_size, plot_runtime_accuracy
+from .sensitivity_plots import (
+    heatmap_views,
+    plot_bitwidth_sweep,
+    plot_block_group_heatmap,
+    plot_mixed_precision,
+    plot_quantizer_sensitivity,
+    plot_sqnr_profile,
+)
 from .widgets import explore_quantizer, landscape_bits_explorer, landscape_explorer, quantizer_explorer
 
 __all__ = [
-    "FIG3_CONFIGS",
-    "AttentionStats",
-    "Landscape",
-    "attention_modules",
-    "block_landscape",
-    "capture_attention",
+    "heatmap_views",
+    "plot_bitwidth_sweep",
+    "plot_block_group_heatmap",
+    "plot_mixed_precision",
+    "plot_quantizer_sensitivity",
+    "plot_sqnr_profile",
     "coverage_table",
     "explore_quantizer",
-    "fig3_models",
     "landscape_bits_explorer",
     "landscape_explorer",
-    "landscape_for_setting",
-    "linear_path",
-    "model_landscape",
     "plot_attention_histogram",
+    "plot_calibration_size",
     "plot_coverage_heatmap",
+    "plot_eta_tradeoff",
     "plot_landscape",
     "plot_level_coverage",
+    "plot_levels_vs_bits",
     "plot_log_domain_example",
+    "plot_runtime_accuracy",
     "plot_transfer_curves",
     "quantizer_for",
     "quantizer_explorer",

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..analysis.attention import AttentionStats
 from ..quant import SULQ, LevelCoverage, Log2Quantizer, Quantizer, UniformQuantizer, coverage, make_quantizer
-from .attention import AttentionStats
+from ..quant.coverage import lowest_level_threshold
 
 BACKENDS = ("matplotlib", "plotly")
 PAPER_RANGE = (1.08e-8, 0.868)
@@ -41,6 +42,39 @@ def quantizer_for(name: str, bits: int, values: torch.Tensor, **kw: Any) -> Quan
     return q.calibrate(values)
 
 
+def _collapse(
+    stats: AttentionStats | torch.Tensor,
+    layer: int | None,
+    head: int | None,
+    quantizer: Quantizer,
+    counts: torch.Tensor,
+    edges: torch.Tensor,
+) -> tuple[LevelCoverage | None, float, float, float]:
+    """Share on the quantizer's lowest level with the one definition of :mod:`isvit_viz.quant.coverage`.
+
+    Exact (``coverage`` of the quantizer's output) when the values are at hand: a raw tensor, or an
+    :class:`AttentionStats` with samples and ``head=None``. For one head only the histogram exists,
+    so the share is the histogram mass below the quantizer's decision threshold, the bin that holds
+    the threshold split in proportion to its log-width (flagged approximate). Returns
+    ``(coverage or None, share on lowest level, share on next level or nan, threshold)``.
+    """
+    thr = lowest_level_threshold(quantizer)
+    if not isinstance(stats, AttentionStats) or (head is None and stats.samples):
+        vals = stats.sample(layer) if isinstance(stats, AttentionStats) else torch.as_tensor(stats).flatten()
+        cov = coverage(quantizer, vals)
+        return cov, cov.frac_collapsed, cov.frac_next, thr
+    c = counts / counts.sum()
+    share = float(c[0]) if thr > 0 else 0.0  # the underflow bin holds values below edges[0] (incl. 0)
+    lo, hi = edges[:-1], edges[1:]
+    full = hi <= thr
+    share += float(c[1:-1][full].sum())
+    part = (lo < thr) & (hi > thr)
+    if part.any():
+        j = int(torch.nonzero(part)[0])
+        share += float(c[1 + j]) * math.log(thr / float(lo[j])) / math.log(float(hi[j] / lo[j]))
+    return None, share, float("nan"), thr
+
+
 def plot_attention_histogram(
     stats: AttentionStats | torch.Tensor,
     layer: int | None = None,
@@ -51,9 +85,15 @@ def plot_attention_histogram(
     title: str | None = None,
 ):
     """Paper Fig. 1 on real data: log-x histogram of post-softmax probabilities with the levels of
-    ``quantizer`` drawn as vertical lines and the mass that collapses onto its lowest level shaded.
+    ``quantizer`` drawn as vertical lines and the inputs it maps onto its lowest level shaded.
 
-    ``stats``: an :class:`AttentionStats` (histogram of one layer/head or pooled) or a raw tensor.
+    The shaded share is ``coverage(quantizer, values).frac_collapsed``: what the quantizer's own output
+    puts on its lowest level (the shading ends at :func:`lowest_level_threshold`). Levels <= 0 cannot
+    sit on the log axis; the legend names them (SULQ's lowest level ``2^e_min - eta`` is negative
+    whenever ``eta > 2^e_min``; flush-to-zero quantizers have a level at 0).
+
+    ``stats``: an :class:`AttentionStats` (histogram of one layer/head or pooled; the share uses its
+    samples when ``head is None``, otherwise the histogram, marked with "≈") or a raw tensor.
     """
     _check_backend(backend)
     if isinstance(stats, AttentionStats):
@@ -63,7 +103,7 @@ def plot_attention_histogram(
         vals = torch.as_tensor(stats).detach().double().flatten()
         if vals.numel() == 0:
             raise ValueError("empty attention capture: nothing to plot")
-        from .attention import DEFAULT_EDGES
+        from ..analysis.attention import DEFAULT_EDGES
 
         edges = DEFAULT_EDGES
         idx = torch.bucketize(vals, edges, right=True)
@@ -80,21 +120,30 @@ def plot_attention_histogram(
     title = (
         title or f"post-softmax probabilities (layer {'all' if layer is None else layer}, head {'all' if head is None else head})"
     )
-    collapsed = None
+    collapsed = nxt = thr = None
+    label = ""
     if quantizer is not None:
-        # mass below the midpoint between the two lowest positive levels lands on the lowest one
-        cut = float(np.sqrt(pos_levels[0] * pos_levels[1])) if len(pos_levels) > 1 else float(pos_levels[0])
-        collapsed = float(counts[0] / total) + float(inner[torch.as_tensor(hi) <= cut].sum())
+        cov, collapsed, nxt, thr = _collapse(stats, layer, head, quantizer, counts, edges)
+        approx = "≈ " if cov is None else ""
+        lv0 = float(levels[0])
+        where = " < 0" if lv0 < 0 else ""
+        where += ", off the log axis" if lv0 <= 0 else ""
+        label = f"onto lowest level ({lv0:.2g}{where}): {approx}{collapsed:.1%}"
+        if cov is not None and len(levels) > 1:
+            label += f"; next ({float(levels[1]):.2g}): {nxt:.1%}"
     if backend == "plotly":
         import plotly.graph_objects as go
 
         fig = go.Figure(go.Bar(x=centers, y=inner.numpy(), width=hi - lo, name="share of probabilities"))
         for v in pos_levels:
             fig.add_vline(x=float(v), line_color="crimson", line_width=1)
+        if quantizer is not None and thr > edges[0]:
+            fig.add_vrect(x0=float(edges[0]), x1=thr, fillcolor="orange", opacity=0.15, line_width=0)
         fig.update_xaxes(type="log", title="probability")
         fig.update_yaxes(title="share of values")
-        fig.update_layout(title=title, showlegend=False, bargap=0)
-        fig.layout.meta = {"levels": levels.tolist(), "below_first_edge": below, "collapsed": collapsed}
+        fig.update_layout(title=title + (f"<br><sup>{label}</sup>" if label else ""), showlegend=False, bargap=0)
+        fig.layout.meta = {"levels": levels.tolist(), "below_first_edge": below, "collapsed": collapsed,
+                           "next": nxt, "threshold": thr}  # fmt: skip
         return fig
     fig, ax = _new_ax(ax)
     ax.bar(
@@ -113,9 +162,9 @@ def plot_attention_histogram(
             transform=ax.get_xaxis_transform(),
             colors="crimson",
             lw=1,
-            label=f"{type(quantizer).__name__} levels ({len(levels)})",
+            label=f"{type(quantizer).__name__} levels ({quantizer.n_codes} codes, {len(levels)} distinct, {len(pos_levels)} > 0 drawn)",
         )
-        ax.axvspan(edges[0].item(), cut, color="orange", alpha=0.15, label=f"collapses onto lowest level: {collapsed:.1%}")
+        ax.axvspan(edges[0].item(), max(thr, edges[0].item()), color="orange", alpha=0.15, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("probability")
     ax.set_ylabel("share of values")
@@ -190,7 +239,9 @@ def coverage_table(
     quantizers: Sequence[str] = ("log2", "uniform", "logsqrt2", "twin_uniform", "adalog", "sulq"),
     bits: Sequence[int] = (3, 4, 6),
 ) -> list[dict[str, Any]]:
-    """Level coverage of every quantizer x bit-width on ``values``: list of dict rows."""
+    """Level coverage of every quantizer x bit-width on ``values``: list of dict rows with ``n_codes``,
+    ``distinct_levels``, ``used_levels``, ``entropy_bits``, ``mse``, ``lowest_level`` and ``collapsed``
+    (share mapped onto the lowest level, :attr:`LevelCoverage.frac_collapsed`)."""
     if values.numel() == 0:
         raise ValueError("empty attention capture: no values to measure coverage on")
     rows = []
@@ -198,16 +249,24 @@ def coverage_table(
         for b in bits:
             q = quantizer_for(name, b, values)
             cov = coverage(q, values)
-            rows.append({"quantizer": name, "bits": b, "used_levels": cov.used_levels, "distinct_levels": cov.distinct_levels,
-                         "n_codes": cov.n_codes, "entropy_bits": cov.entropy_bits, "mse": cov.mse, "collapsed": cov.frac_collapsed})  # fmt: skip
+            rows.append({"quantizer": name, "bits": b, "n_codes": cov.n_codes, "distinct_levels": cov.distinct_levels,
+                         "used_levels": cov.used_levels, "entropy_bits": cov.entropy_bits, "mse": cov.mse,
+                         "lowest_level": cov.lowest_level, "collapsed": cov.frac_collapsed})  # fmt: skip
     return rows
 
 
 def plot_level_coverage(coverages: Mapping[str, LevelCoverage], backend: str = "matplotlib"):
-    """Per-level occupancy bars, one panel per quantizer, with used/available levels, entropy and MSE."""
+    """Per-level occupancy bars, one panel per quantizer: one bar per distinct level (gray: unused),
+    labelled with the level value and, where several codes share it, ``xN codes``; the title gives
+    codes / distinct levels / used levels, entropy, MSE and the share on the lowest level."""
     _check_backend(backend)
     if not coverages:
         raise ValueError("no coverages to plot")
+
+    def tick(cov: LevelCoverage, i: int) -> str:
+        k = int(cov.codes_per_level[i])
+        return f"{float(cov.levels[i]):.1e}" + (f" x{k}" if k > 1 else "")
+
     if backend == "plotly":
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -215,13 +274,15 @@ def plot_level_coverage(coverages: Mapping[str, LevelCoverage], backend: str = "
         fig = make_subplots(rows=len(coverages), cols=1, subplot_titles=[f"{k}: {c.summary()}" for k, c in coverages.items()])
         for i, cov in enumerate(coverages.values(), start=1):
             fig.add_trace(
-                go.Bar(x=[f"{v:.2e}" for v in cov.levels.tolist()], y=cov.fractions.tolist(), showlegend=False), row=i, col=1
+                go.Bar(x=[tick(cov, j) for j in range(cov.distinct_levels)], y=cov.fractions.tolist(), showlegend=False),
+                row=i,
+                col=1,
             )
         fig.update_layout(height=260 * len(coverages), title="level coverage")
         return fig
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 2.2 * len(coverages)), layout="constrained")
+    fig = Figure(figsize=(8, 2.3 * len(coverages)), layout="constrained")
     axes = fig.subplots(len(coverages), 1, squeeze=False)[:, 0]
     for ax, (name, cov) in zip(axes, coverages.items()):
         ax.bar(
@@ -229,7 +290,7 @@ def plot_level_coverage(coverages: Mapping[str, LevelCoverage], backend: str = "
             cov.fractions.numpy(),
             color=["steelblue" if c > 0 else "lightgray" for c in cov.counts.tolist()],
         )
-        ax.set_xticks(range(cov.distinct_levels), [f"{v:.1e}" for v in cov.levels.tolist()], rotation=90, fontsize=6)
+        ax.set_xticks(range(cov.distinct_levels), [tick(cov, j) for j in range(cov.distinct_levels)], rotation=90, fontsize=6)
         ax.set_ylabel("share")
         ax.set_title(f"{name}: {cov.summary()}", fontsize=8)
     return fig

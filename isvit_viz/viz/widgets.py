@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from ..analysis.attention import AttentionStats
+from ..analysis.landscape import Landscape, landscape_for_setting
 from ..quant import coverage
-from .attention import AttentionStats
-from .landscape import Landscape, landscape_for_setting, plot_landscape
+from .landscape_plots import plot_landscape
 from .plots import plot_attention_histogram, quantizer_for
 
 EXPLORER_QUANTIZERS = ("sulq", "log2", "uniform", "logsqrt2", "twin_uniform", "adalog")
@@ -56,8 +57,7 @@ def quantizer_explorer(attn: AttentionStats | torch.Tensor, layer: int | None = 
         readout.value = f"<code>{text}</code>"
         with out:
             out.clear_output(wait=True)
-            display(fig)
-            print(text)
+            display(fig)  # the RESULT line is shown once, in the readout above (not printed here too)
 
     for w in (w_bits, w_eta, w_q):
         w.observe(redraw, names="value")
@@ -125,7 +125,6 @@ def landscape_bits_explorer(
         with out:
             out.clear_output(wait=True)
             display(plot_landscape(land, title=f"block {block}, {w_bits.value}-bit activations, eta={w_eta.value:.1e}", log=True))
-            print(text)
 
     for w in (w_bits, w_eta):
         w.observe(redraw, names="value")

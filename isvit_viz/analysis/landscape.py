@@ -37,6 +37,16 @@ class Landscape:
         i, j = int(np.argmin(np.abs(self.alphas))), int(np.argmin(np.abs(self.betas)))
         return float(self.Z[i, j])
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (lists of floats); :meth:`from_dict` restores it exactly."""
+        return {"alphas": self.alphas.tolist(), "betas": self.betas.tolist(), "Z": self.Z.tolist(), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Landscape:
+        return cls(
+            np.asarray(d["alphas"], float), np.asarray(d["betas"], float), np.asarray(d["Z"], float), dict(d.get("meta", {}))
+        )
+
 
 def _grid(extent: float, steps: int) -> np.ndarray:
     if not (isinstance(extent, (int, float)) and extent > 0 and np.isfinite(extent)):
@@ -266,32 +276,51 @@ def block_landscape(
     )
 
 
-def plot_landscape(land: Landscape, backend: str = "matplotlib", title: str | None = None, ax: Any = None, log: bool = False):
-    """Contour plot (matplotlib) or 3-D surface (plotly) of a :class:`Landscape`."""
-    from .plots import _check_backend, _new_ax
+def sos_study(
+    fp_model: nn.Module,
+    calib: torch.Tensor,
+    images: torch.Tensor,
+    bits: int = 4,
+    block: int = 4,
+    extent: float = 0.5,
+    steps: int = 21,
+    iters: int | None = None,
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    model_steps: int | None = None,
+    model_extent: float = 0.5,
+    progress: bool = False,
+    **quantize_kw: Any,
+) -> tuple[dict[tuple[int, str, str], Landscape], dict[str, Landscape], Any]:
+    """Every landscape of notebook 02 in one call.
 
-    _check_backend(backend)
-    Z = np.log10(np.maximum(land.Z, 1e-12)) if log else land.Z
-    title = title or f"loss landscape ({land.meta.get('kind', '')})"
-    if backend == "plotly":
-        import plotly.graph_objects as go
+    Block-local landscapes of block ``block`` (protocol of :func:`block_landscape`, on the FP block
+    inputs of ``images``): the three Fig. 3 configurations calibrated on ``calib``, keyed
+    ``(block, "calibrated", config)``, and the I&S-ViT model after each SOS stage, keyed
+    ``(block, "stage1" | "stage2" | "stage3", "isvit")``. With ``eval_data = (x, y)`` also the
+    whole-model cross-entropy landscapes (:func:`model_landscape`) of the FP and the final I&S-ViT
+    model, keyed ``"FP"`` and ``"I&S-ViT"``. Returns ``(block_landscapes, model_landscapes, QuantResult)``.
+    ``iters`` and ``quantize_kw`` go to :func:`isvit_viz.quantize` (method ``isvit``, W``bits``/A``bits``).
+    """
+    from ..calib.pipeline import quantize
 
-        fig = go.Figure(go.Surface(x=land.betas, y=land.alphas, z=Z, colorscale="Viridis"))
-        fig.update_layout(
-            title=title,
-            scene={
-                "xaxis_title": "perturbation 2",
-                "yaxis_title": "perturbation 1",
-                "zaxis_title": "log10 loss" if log else "loss",
-            },
-        )
-        return fig
-    fig, ax = _new_ax(ax, (5, 4))
-    cs = ax.contourf(land.betas, land.alphas, Z, levels=20, cmap="viridis")
-    ax.contour(land.betas, land.alphas, Z, levels=10, colors="white", linewidths=0.4)
-    ax.plot([0], [0], "r+", ms=10)
-    ax.set_xlabel("perturbation 2")
-    ax.set_ylabel("perturbation 1")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(cs, ax=ax, label="log10 loss" if log else "loss")
-    return fig
+    lands: dict[tuple[int, str, str], Landscape] = {}
+    for key, q in fig3_models(fp_model, calib, bits=bits).items():
+        lands[(block, "calibrated", key)] = block_landscape(q, fp_model, block, images, extent=extent, steps=steps)
+    snaps: dict[str, nn.Module] = {}
+
+    def keep(stage: str, m: nn.Module) -> None:
+        if stage in ("stage1", "stage2", "stage3"):
+            snaps[stage] = copy.deepcopy(m).eval()
+
+    res = quantize(fp_model, "isvit", bits, bits, calib, iters=iters, callbacks=keep, progress=progress, **quantize_kw)
+    for stage in ("stage1", "stage2", "stage3"):
+        lands[(block, stage, "isvit")] = block_landscape(snaps.pop(stage), fp_model, block, images, extent=extent, steps=steps)
+    whole: dict[str, Landscape] = {}
+    if eval_data is not None:
+        import torch.nn.functional as F
+        from loss_landscapes.metrics import Loss
+
+        metric = Loss(F.cross_entropy, *eval_data)
+        for name, m in (("FP", fp_model), ("I&S-ViT", res.model)):
+            whole[name] = model_landscape(m, metric, extent=model_extent, steps=model_steps or steps)
+    return lands, whole, res
