@@ -35,7 +35,7 @@ from isvit_viz import analysis, results
 
 #: Notebook 02's full settings (the notebook's FAST=False values).
 LANDSCAPE_SETTINGS = {"bits": 4, "block": 4, "extent": 0.5, "steps": 21, "images": 256, "calib": 1024, "iters": 1000,
-                      "eval_images": 512, "model_steps": 21, "model_extent": 0.5, "seed": 0}  # fmt: skip
+                      "eval_images": 64, "model_steps": 21, "model_extent": 0.5, "seed": 0}  # fmt: skip
 
 #: Ablation cells: name -> extra ``benchmarks.accuracy`` arguments (W3/A3 ViT, seed 1, bf16, 1 thread).
 ABLATION_CELLS: dict[str, list[str]] = {

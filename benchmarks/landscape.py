@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from loss_landscapes.metrics import Loss
 
 import isvit_viz as iv
-from isvit_viz import analysis, viz
+from isvit_viz import analysis
 
 from ._common import parser, write
 

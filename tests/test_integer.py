@@ -218,12 +218,13 @@ def test_integer_softmax_exponents_rarely_differ_from_fake_quant(embedded):
     _, _, res, params, inputs = embedded
     for name, attn in attention_blocks(res.model):
         agree = exponent_agreement(attn, params[name], inputs[name])
-        assert agree["exp_mismatch"] < 1e-3 and agree["exp_max_diff"] <= 1  # measured <= 2.6e-4, one step
+        assert agree["exp_mismatch"] < 1e-3 and agree["exp_max_diff"] <= 1  # measured <= 1.4e-4, one step
 
 
 def test_sqnr_of_integer_attention_against_fp(embedded):
-    # Bound: integer within 0.05 dB of fake-quant against FP, >= 12 dB (W4/A4; measured 14.5-16.8 dB),
-    # and >= 60 dB against fake-quant (measured 66-91 dB); the int8 GEMM is worse (>= 12 dB vs FP).
+    # Bound: integer within 0.05 dB of fake-quant against FP, >= 12 dB (W4/A4; measured 14.5-16.5 dB),
+    # and >= 60 dB against fake-quant (measured 69-95 dB); the int8 GEMM is worse (>= 12 dB vs FP,
+    # measured 13.9-15.4 dB).
     _, _, res, params, inputs = embedded
     for name, attn in attention_blocks(res.model):
         out = integer.compare.attention_cores(attn, params[name], inputs[name])
@@ -236,7 +237,8 @@ def test_sqnr_of_integer_attention_against_fp(embedded):
 
 def test_end_to_end_integer_attention_in_every_block(embedded):
     # 200 test images, W4/A4: integer attention in all 6 blocks keeps the fake-quant top-1 and FP
-    # agreement within 1 point, and its top-1 decisions equal fake-quant's on >= 99 % of images.
+    # agreement within 1 point, and its top-1 decisions equal fake-quant's on >= 99 % of images
+    # (measured: identical top-1 88.0 %, agreement 100 %; on all 10,000 images 99.9 %, benchmark).
     model, splits, res, _, _ = embedded
     r = integer.end_to_end(model, res.model, splits.test(200), variants=("shift",))
     fake, shift = r["fake"], r["int_shift"]

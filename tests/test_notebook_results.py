@@ -62,8 +62,15 @@ def test_landscape_artifact_is_complete_and_round_trips():
 def test_every_ablation_cell_is_committed():
     from benchmarks.artifacts import ABLATION_CELLS
 
+    # Tables 3 and 4 are complete; Fig. 5 shows the committed points and names the missing ones
+    abl = results.ablation_tables()
+    assert [r["calib_images"] for r in abl["fig5"]] + abl["fig5_missing"] != [] and 1024 not in abl["fig5_missing"]
     for name in ABLATION_CELLS:
-        (run,) = json.loads((RESULTS / "ablations" / "w3a3" / f"{name}.json").read_text())["runs"]
+        path = RESULTS / "ablations" / "w3a3" / f"{name}.json"
+        if name.startswith("fig5_") and int(name.removeprefix("fig5_calib")) in abl["fig5_missing"]:
+            assert not path.exists()
+            continue
+        (run,) = json.loads(path.read_text())["runs"]
         assert run["iters"] == 1000 and run["w_bits"] == 3 and run["seed"] == 1 and run["n"] == 10000
 
 
@@ -117,7 +124,10 @@ def test_ptq_results_table_and_gaps_are_the_committed_grid():
     for model, method, bits in [("vit", "isvit", 3), ("swin", "qdrop", 4), ("vit", "minmax", 6)]:
         rs = [r for r in runs if (r["model"], r["method"], r["w_bits"]) == (model, method, bits)]
         row = next(line for line in table.splitlines() if line.startswith(f"| embedded-{model} | {method} |"))
-        assert f"{100 * _mean([r['q_top1'] for r in rs]):.2f} ± " in row and f"{100 * _mean([r['agree_top1'] for r in rs]):.1f} ± " in row
+        assert (
+            f"{100 * _mean([r['q_top1'] for r in rs]):.2f} ± " in row
+            and f"{100 * _mean([r['agree_top1'] for r in rs]):.1f} ± " in row
+        )
     isvit3 = _mean([r["agree_top1"] for r in runs if (r["model"], r["method"], r["w_bits"]) == ("vit", "isvit", 3)])
     assert f"vit  W3/A3: I&S-ViT agreement {100 * isvit3:.1f} %" in gaps
 

@@ -1,4 +1,4 @@
-"""CPU time of the attention variants, measured side by side (round-robin, median of repeats).
+"""CPU time of the attention variants, measured side by side (round-robin; minimum and median of repeats).
 
 PyTorch has no fused shift-and-accumulate kernel: :func:`~.shift.shift_accumulate` runs N
 element-wise shift + add passes over [B, H, N, d] tensors, while float and int8 GEMMs use vectorised
