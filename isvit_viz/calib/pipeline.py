@@ -363,7 +363,12 @@ class _Checkpoint:
             "format": self.FORMAT, "config": self.config, "stage": stage, "next_unit": next_unit, "stages_done": list(stages_done),
             "timings": dict(result.timings), "unit_losses": list(result.unit_losses), "quant_flags": flags,
         }  # fmt: skip
-        state = {"meta": json.dumps(meta), "model": qmodel.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
+        state = {
+            "meta": json.dumps(meta),
+            "model": qmodel.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
         atomic_torch_save(state, self.path)
 
     def finish(self) -> None:
