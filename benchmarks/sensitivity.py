@@ -39,14 +39,16 @@ from isvit_viz.utils import atomic_write_json
 from ._common import env, parser
 
 BITS = 3
-WORST_KEYS = ("rank", "label", "name", "group", "type", "bits", "kl_on", "sqnr_local_db", "sqnr_cum_db", "agree_on",
+WORST_KEYS = ("rank", "label", "name", "group", "type", "bits", "kl_on_self", "sqnr_local_self_db", "kl_on", "sqnr_local_db",
+              "sqnr_cum_db", "agree_on",
               "kl_off_recovery", "agree_off", "tensor_sqnr_local_db")  # fmt: skip
 
 
 def _quantized(model, method: str, calib: torch.Tensor, args, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Load the saved quantized model of ``method`` or make it (and save it with its wall time)."""
     path, meta_path = run_dir / f"{method}_w{BITS}a{BITS}.pt", run_dir / f"{method}_w{BITS}a{BITS}.json"
-    if not (path.is_file() and meta_path.is_file()):
+    loaded = path.is_file() and meta_path.is_file()
+    if not loaded:
         t0 = time.perf_counter()
         res = iv.quantize(model, method, BITS, BITS, calib, iters=args.iters, batch_size=min(64, len(calib)), matmul_dtype=args.matmul_dtype if method.startswith("isvit") else "float32",
                           checkpoint_dir=run_dir / f"{method}_progress", progress=not args.quiet)  # fmt: skip
@@ -54,7 +56,7 @@ def _quantized(model, method: str, calib: torch.Tensor, args, run_dir: Path) -> 
         iv.save_quantized(res, path)
         atomic_write_json(meta_path, {"wall_s": wall, "timings": res.timings, "config": res.config})
     meta = json.loads(meta_path.read_text())
-    return iv.load_quantized(path).model, meta
+    return iv.load_quantized(path).model, {**meta, "loaded": loaded}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         worst = [{k: r.get(k) for k in WORST_KEYS} for r in report.worst(10)]
         out[method] = {**study, "worst10": worst, "validation": validation, "recalibration_images": n_recal,
                        "quantize": {"wall_s": qmeta["wall_s"], "timings": qmeta["timings"], "config": qmeta["config"],
-                                    "loaded_s": t_quant},
+                                    "loaded_from_run_dir": qmeta["loaded"], "this_run_s": t_quant},
                        "wall_s": {**study["wall_s"], "study_total": t_study, "validation": t_val}}  # fmt: skip
         mpc = study["mixed_precision"].get("count+0.5")
         if mpc:

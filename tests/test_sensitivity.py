@@ -103,13 +103,16 @@ def test_forward_order_groups_and_elements(report4):
 
 
 def test_local_and_cumulative_sqnr_equal_hand_computation(q4, fp, data, report4):
-    ref = _logits(fp, data)
+    ref, off = _logits(fp, data), _logits(_only(q4, set()), data)
     names = _hand_order()
     for i, row in enumerate(report4.rows):
-        local = _only(q4, {row["name"]})
-        cum = _only(q4, set(names[: i + 1]))
-        assert row["sqnr_local_db"] == pytest.approx(_sqnr(ref, _logits(local, data)), rel=1e-9, abs=1e-9)
-        assert row["sqnr_cum_db"] == pytest.approx(_sqnr(ref, _logits(cum, data)), rel=1e-9, abs=1e-9)
+        local = _logits(_only(q4, {row["name"]}), data)
+        cum = _logits(_only(q4, set(names[: i + 1])), data)
+        assert row["sqnr_local_db"] == pytest.approx(_sqnr(ref, local), rel=1e-9, abs=1e-9)
+        assert row["sqnr_cum_db"] == pytest.approx(_sqnr(ref, cum), rel=1e-9, abs=1e-9)
+        # against the model's own unquantized output (all quantizers off)
+        assert row["sqnr_local_self_db"] == pytest.approx(_sqnr(off, local), rel=1e-9, abs=1e-9)
+        assert row["sqnr_cum_self_db"] == pytest.approx(_sqnr(off, cum), rel=1e-9, abs=1e-9)
     # task-level metrics of "only on" / "only off" match compare_to_fp on the hand-built models
     row = report4.rows[names.index("blocks.1.mlp.fc2.input_quantizer")]
     on = compare_to_fp(fp, _only(q4, {row["name"]}), data, progress=False)
@@ -117,6 +120,8 @@ def test_local_and_cumulative_sqnr_equal_hand_computation(q4, fp, data, report4)
     assert (row["agree_on"], row["top1_on"]) == (on["agree_top1"], on["q_top1"])
     assert (row["agree_off"], row["top1_off"]) == (off["agree_top1"], off["q_top1"])
     assert row["kl_on"] == pytest.approx(on["kl_to_fp"], rel=1e-9) and row["kl_off"] == pytest.approx(off["kl_to_fp"], rel=1e-9)
+    on_self = compare_to_fp(_only(q4, set()), _only(q4, {row["name"]}), data, progress=False)
+    assert row["kl_on_self"] == pytest.approx(on_self["kl_to_fp"], rel=1e-9)
     # the last cumulative configuration is the quantized model itself
     assert (
         report4.rows[-1]["sqnr_cum_db"] == report4.baseline["all_on"]["sqnr_db"] == pytest.approx(_sqnr(ref, _logits(q4, data)))
@@ -146,10 +151,12 @@ def test_broken_quantizer_ranks_first(fp, calib, data, broken):
     q = iv.quantize(fp, "minmax", 8, 8, calib, progress=False).model
     sens.apply_precision(q, {broken: 2}, calib)
     rep = sens.analyze_sensitivity(q, data, fp_model=fp, measure=("on", "off", "tensor"), progress=False)
-    for metric in ("kl_on", "sqnr_local_db", "kl_off_recovery", "tensor_sqnr_local_db"):
+    for metric in ("kl_on_self", "kl_on", "sqnr_local_db", "sqnr_local_self_db", "kl_off_recovery", "tensor_sqnr_local_db"):
         assert rep.worst(1, by=metric)[0]["name"] == broken, metric
     top = rep.worst(10)
-    assert [r["rank"] for r in top] == list(range(1, 11)) and all(a["kl_on"] >= b["kl_on"] for a, b in zip(top, top[1:]))
+    assert [r["rank"] for r in top] == list(range(1, 11)) and all(
+        a["kl_on_self"] >= b["kl_on_self"] for a, b in zip(top, top[1:])
+    )
 
 
 def test_group_views_and_bypass_restores(q4, fp, data, report4):
@@ -204,7 +211,7 @@ def test_resume_skips_finished_measurements(q4, fp, data, tmp_path):
     h = q4.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
         again = sens.analyze_sensitivity(q4, data, fp_model=fp, measure=("on", "off"), checkpoint=ckpt, progress=False)
-        assert len(calls) == 1  # only the pass that lists the quantizers
+        assert len(calls) == 1 + len(data)  # the pass that lists the quantizers, the all-off logits
         payload = json.loads(ckpt.read_text())
         dropped = ["on|blocks.0.mlp.fc2.input_quantizer", "off|head.weight_quantizer"]
         for k in dropped:
@@ -212,7 +219,7 @@ def test_resume_skips_finished_measurements(q4, fp, data, tmp_path):
         ckpt.write_text(json.dumps(payload))
         calls.clear()
         third = sens.analyze_sensitivity(q4, data, fp_model=fp, measure=("on", "off"), checkpoint=ckpt, progress=False)
-        assert len(calls) == 1 + len(dropped) * len(data)
+        assert len(calls) == 1 + len(data) + len(dropped) * len(data)
     finally:
         h.remove()
     assert again.rows == first.rows and third.rows == first.rows
@@ -251,16 +258,16 @@ def test_plots_from_report_dicts(report4, q4, fp, data, calib):
     assert len(fig.data) == 10 and len(fig.layout.updatemenus[0].buttons) == 2
     assert sum(len(t.x) for t in fig.data if t.visible) == 27
     views = sp.heatmap_views({"m": study})
-    assert list(views) == ["m · 4 bits: sum of kl_on", "m · cell at 2 bits: kl"]
-    blocks, groups, Z = views["m · 4 bits: sum of kl_on"]
+    assert list(views) == ["m · 4 bits: sum of kl_on_self", "m · cell at 2 bits: kl"]
+    blocks, groups, Z = views["m · 4 bits: sum of kl_on_self"]
     assert blocks == ["patch_embed", "blocks.0", "blocks.1", "head"] and groups == list(sens.GROUPS)
-    assert Z[1][groups.index("post_gelu")] == pytest.approx(report4.rows[11]["kl_on"])
+    assert Z[1][groups.index("post_gelu")] == pytest.approx(report4.rows[11]["kl_on_self"])
     assert Z[0][groups.index("post_ln")] is None
     heat = sp.plot_block_group_heatmap(views)
     assert len(heat.layout.updatemenus[0].buttons) == 2
     assert sp.plot_block_group_heatmap(views, backend="matplotlib") is not None
     assert sp.plot_quantizer_sensitivity(reps, backend="matplotlib", view="a") is not None
-    assert len(sp.plot_sqnr_profile(reps).data) == 8
+    assert len(sp.plot_sqnr_profile(reps).data) == 12
     assert sp.plot_bitwidth_sweep({"m": [{"group": "weight", "bits": 2, "agree": 0.5}]}).data[0].y == (0.5,)
 
 
@@ -301,6 +308,6 @@ def test_notebook_05_opens_on_the_committed_artifact():
     payload = json.loads((root / "benchmarks" / "results" / "artifacts" / "sensitivity.json").read_text())
     for st in payload["methods"].values():
         first = st["worst10"][0]
-        assert f"| 1 | {first['label']} | {first['group']} | {first['type']} | {first['kl_on']:.4g} |" in text
+        assert f"| 1 | {first['label']} | {first['group']} | {first['type']} | {first['kl_on_self']:.4g} |" in text
         vb, vm = st["validation"]["base"]["agree_top1"], st["validation"]["mixed_precision"]["agree_top1"]
         assert f"held-out agreement {100 * vb:.2f} % -> {100 * vm:.2f} %" in text

@@ -7,17 +7,21 @@ with the FP model's on streamed evaluation data.
 
 Definitions (all over the same N evaluation images; ``z`` are logits [N, classes]):
 
-* **reference**: the FP model's logits ``z_fp`` (``fp_model``), or, without one, the quantized model
-  with every quantizer bypassed. A reconstructed model (I&S-ViT, QDrop) has trained weights, so with
-  every quantizer off it does not compute exactly the FP function: that floor is reported as
-  ``baseline["all_off"]``.
+* **references**: the FP model's logits ``z_fp`` (``fp_model``; without one, the quantized model with
+  every quantizer bypassed), and the *self* reference ``z_off``: the quantized model with every
+  quantizer bypassed. A reconstructed model (I&S-ViT, QDrop) has trained weights, so ``z_off`` is not
+  the FP function (that floor is ``baseline["all_off"]``) and metrics against ``z_off`` (``*_self``)
+  isolate the quantizers' noise; for calibration-only methods (RepQ-ViT: reparameterization is exact)
+  both references agree up to float round-off.
 * **SQNR** of a configuration: ``10 log10(sum z_fp^2 / sum (z - z_fp)^2)`` in dB over all images and
-  classes (``None`` when the error is exactly 0).
-* **KL**: mean over images of ``KL(softmax(z_fp) || softmax(z))`` in nats; **agree**: share of images
-  whose top-1 equals the FP top-1; **top1**: accuracy against the labels when the data carry them.
+  classes (``None`` when the error is exactly 0); ``sqnr_self_db`` the same with ``z_off``.
+* **KL**: mean over images of ``KL(softmax(z_fp) || softmax(z))`` in nats (``kl_self``: with ``z_off``);
+  **agree**: share of images whose top-1 equals the FP top-1; **top1**: accuracy against the labels
+  when the data carry them.
 * per quantizer q (forward order = the order of first calls in one forward pass):
 
-  - ``*_on`` / **local**: only q on, every other quantizer off; ``sqnr_local_db`` is its logit SQNR;
+  - ``*_on`` / **local**: only q on, every other quantizer off; ``sqnr_local_db`` is its logit SQNR
+    (``sqnr_local_self_db``, ``kl_on_self``: against ``z_off``);
   - ``*_off``: every quantizer on except q (the task-level effect of switching q alone off);
   - ``*_cum`` / **cumulative**: q and every quantizer before it in forward order on, the rest off;
   - ``tensor_sqnr_local_db``: SQNR of q's own output against its input when everything before it is
@@ -37,8 +41,8 @@ quantizer fits on the input it sees there) and ``Quantizer.calibrate`` on the we
 
 Long runs are resumable: with ``checkpoint=path`` every finished measurement is written to a JSON
 file and skipped on rerun (the file is tied to the model state, the quantizer bit-widths and the
-evaluation data by a fingerprint; a mismatch raises ``ValueError``). Memory: the FP logits [N, classes]
-plus one batch (the tensor-SQNR pass keeps every quantizer's input of one batch).
+evaluation data by a fingerprint; a mismatch raises ``ValueError``). Memory: the FP and all-off logits
+[N, classes] plus one batch (the tensor-SQNR pass keeps every quantizer's input of one batch).
 """
 
 from __future__ import annotations
@@ -71,11 +75,11 @@ GROUPS: dict[str, str] = {
 }
 #: Per-quantizer metrics where a larger value means a more harmful quantizer (for the others a smaller
 #: value does). Switching a harmful quantizer alone *off* lowers KL and raises SQNR and agreement.
-HIGHER_IS_WORSE = ("kl_on", "kl_cum", "kl_off_recovery", "sqnr_off_db", "agree_off", "top1_off")
+HIGHER_IS_WORSE = ("kl_on", "kl_on_self", "kl_cum", "kl_cum_self", "kl_off_recovery", "sqnr_off_db", "agree_off", "top1_off")
 _ATTRS = ("input_quantizer", "weight_quantizer", "quantizer_a", "quantizer_b")
 _MM_ROLE = {("matmul1", "quantizer_a"): "q", ("matmul1", "quantizer_b"): "k",
             ("matmul2", "quantizer_a"): "softmax", ("matmul2", "quantizer_b"): "v"}  # fmt: skip
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 # ----------------------------------------------------------------------------- quantizer enumeration
@@ -338,18 +342,28 @@ def _sqnr_db(signal: float, noise: float) -> float | None:
     return 10.0 * math.log10(signal / noise)
 
 
+def _kl_sum(ref: torch.Tensor, q: torch.Tensor) -> float:
+    """Sum over rows of KL(softmax(ref) || softmax(q)) (float64 logits [B, classes])."""
+    p_log, q_log = torch.log_softmax(ref, 1), torch.log_softmax(q, 1)
+    return float((p_log.exp() * (p_log - q_log)).sum(1).sum())
+
+
 class _LogitStats:
+    """Streamed logit metrics against the FP reference and against the model with all quantizers off."""
+
     def __init__(self) -> None:
-        self.sig = self.err = self.kl = 0.0
+        self.sig = self.err = self.kl = self.sig_self = self.err_self = self.kl_self = 0.0
         self.agree = self.correct = self.n = 0
         self.labelled = True
 
-    def add(self, fp: torch.Tensor, q: torch.Tensor, y: torch.Tensor | None) -> None:
-        fp, q = fp.double(), q.double()
+    def add(self, fp: torch.Tensor, q: torch.Tensor, y: torch.Tensor | None, off: torch.Tensor) -> None:
+        fp, q, off = fp.double(), q.double(), off.double()
         self.sig += float(fp.square().sum())
         self.err += float((q - fp).square().sum())
-        p_log, q_log = torch.log_softmax(fp, 1), torch.log_softmax(q, 1)
-        self.kl += float((p_log.exp() * (p_log - q_log)).sum(1).sum())
+        self.kl += _kl_sum(fp, q)
+        self.sig_self += float(off.square().sum())
+        self.err_self += float((q - off).square().sum())
+        self.kl_self += _kl_sum(off, q)
         self.agree += int((fp.argmax(1) == q.argmax(1)).sum())
         if y is None:
             self.labelled = False
@@ -358,7 +372,8 @@ class _LogitStats:
         self.n += fp.shape[0]
 
     def result(self) -> dict[str, Any]:
-        out = {"sqnr_db": _sqnr_db(self.sig, self.err), "kl": self.kl / self.n, "agree": self.agree / self.n, "n": self.n}
+        out = {"sqnr_db": _sqnr_db(self.sig, self.err), "kl": self.kl / self.n, "agree": self.agree / self.n, "n": self.n,
+               "sqnr_self_db": _sqnr_db(self.sig_self, self.err_self), "kl_self": self.kl_self / self.n}  # fmt: skip
         if self.labelled:
             out["top1"] = self.correct / self.n
         return out
@@ -433,6 +448,7 @@ class StreamingEvaluator:
 
     Attributes:
         quantizers: :class:`QuantizerInfo` list in forward order; ``fp_logits`` [N, classes] (CPU).
+        The all-off logits (the self reference) are computed once too.
     """
 
     def __init__(
@@ -466,6 +482,11 @@ class StreamingEvaluator:
             raise ValueError("evaluation data is empty (no batches)")
         self.fp_logits = torch.cat(fp)
         self._fp_batches = fp
+        self._off_batches = fp  # the model with every quantizer off: the FP model itself without fp_model
+        if fp_model is not None:
+            with torch.no_grad(), quantizers_enabled(model, set()), self._eval_mode(model):
+                it = zip(self.data, fp)
+                self._off_batches = [model(_split_batch(b)[0].to(self.device)).float().cpu() for b, _ in it]
         self._labels = labels
         self.n = int(self.fp_logits.shape[0])
         fingerprint = {
@@ -488,12 +509,12 @@ class StreamingEvaluator:
             for m, t in flags:
                 m.train(t)
 
-    def _iter(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        for batch, fp, y, checksum in zip(self.data, self._fp_batches, self._labels, self._checksums):
+    def _iter(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        for batch, fp, y, checksum, off in zip(self.data, self._fp_batches, self._labels, self._checksums, self._off_batches):
             x, _ = _split_batch(batch)
             if x.shape[0] != fp.shape[0] or float(x.double().sum()) != checksum:
                 raise ValueError("the evaluation data changed between passes (shuffled?); pass a DataLoader with a fixed order")
-            yield x.to(self.device), fp, y
+            yield x.to(self.device), fp, y, off
 
     def _canonical_on(self, on: Iterable[str] | None) -> frozenset[str] | None:
         if on is None:
@@ -507,7 +528,8 @@ class StreamingEvaluator:
     def measure(
         self, key: str, on: Iterable[str] | None = None, bits: Mapping[str, int] | None = None, calib: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """Logit metrics (``sqnr_db``, ``kl``, ``agree``, ``n``, ``top1`` with labels) of one configuration.
+        """Logit metrics (``sqnr_db``, ``kl``, ``agree``, ``n``, ``top1`` with labels; ``sqnr_self_db``,
+        ``kl_self`` against the all-off model) of one configuration.
 
         ``on``: quantizers on (others bypassed; ``None`` = all); ``bits``: bit-width overrides
         (recalibrated on ``calib`` inside the ``on`` state). Results are stored under ``key`` (plus the
@@ -524,8 +546,8 @@ class StreamingEvaluator:
             stats = _LogitStats()
             with torch.no_grad(), self._eval_mode(self.model), quantizers_enabled(self.model, on_c):
                 with precision_override(self.model, bits, calib):
-                    for x, fp, y in self._iter():
-                        stats.add(fp, self.model(x).float().cpu(), y)
+                    for x, fp, y, off in self._iter():
+                        stats.add(fp, self.model(x).float().cpu(), y, off)
             self._memo[memo_key] = stats.result()
         self.store.put(full_key, self._memo[memo_key])
         return self._memo[memo_key]
@@ -567,7 +589,7 @@ class StreamingEvaluator:
             return fn
 
         with torch.no_grad(), self._eval_mode(self.model):
-            for x, _, _ in tqdm(list(self._iter()), desc="tensor SQNR", disable=not self.progress, leave=False):
+            for x, *_ in tqdm(list(self._iter()), desc="tensor SQNR", disable=not self.progress, leave=False):
                 ref.clear()
                 hs = [attached[n][0].register_forward_hook(off_hook(n, attached[n][0])) for n in names]
                 try:
@@ -595,9 +617,10 @@ class SensitivityReport:
     Attributes:
         quantizers: :class:`QuantizerInfo` in forward order.
         rows: one dict per quantizer (same order): ``name``, ``label``, ``group``, ``block``, ``role``,
-            ``bits`` and the metrics ``sqnr_local_db``, ``kl_on``, ``agree_on``, ``sqnr_off_db``,
+            ``bits`` and the metrics ``sqnr_local_db``, ``kl_on``, ``agree_on``, ``sqnr_local_self_db``,
+            ``kl_on_self``, ``sqnr_off_db``,
             ``kl_off``, ``agree_off``, ``kl_off_recovery`` (KL with all on minus ``kl_off``),
-            ``sqnr_cum_db``, ``kl_cum``, ``agree_cum``, ``tensor_sqnr_local_db``,
+            ``sqnr_cum_db``, ``kl_cum``, ``agree_cum``, ``sqnr_cum_self_db``, ``tensor_sqnr_local_db``,
             ``tensor_sqnr_cum_db`` (and ``top1_on`` / ``top1_off`` with labels); missing
             measurements are absent.
         baseline: logit metrics of ``all_on`` (the quantized model) and ``all_off``.
@@ -613,9 +636,11 @@ class SensitivityReport:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def worst(self, k: int = 10, by: str = "kl_on") -> list[dict[str, Any]]:
-        """The ``k`` most harmful quantizers by metric ``by`` (KL: largest first; SQNR/agreement:
-        smallest first; ``None`` SQNR = exact counts as best), with their ``rank`` (1 = worst)."""
+    def worst(self, k: int = 10, by: str = "kl_on_self") -> list[dict[str, Any]]:
+        """The ``k`` most harmful quantizers by metric ``by`` (default: KL of the model with only that
+        quantizer on against the same model with every quantizer off), worst first: KL largest first,
+        SQNR/agreement smallest first (see :data:`HIGHER_IS_WORSE` for the "alone off" metrics);
+        ``None`` SQNR (exact) counts as best. Each row gets its ``rank`` (1 = worst)."""
         rows = [r for r in self.rows if by in r]
         if not rows:
             raise ValueError(
@@ -647,7 +672,7 @@ class SensitivityReport:
         return [{by: k, "n": len(keys[k]), metric: fns[reduce](keys[k])} for k in order if k in keys]
 
     def block_group_matrix(
-        self, metric: str = "kl_on", reduce: str = "sum"
+        self, metric: str = "kl_on_self", reduce: str = "sum"
     ) -> tuple[list[str], list[str], list[list[float | None]]]:
         """(blocks, groups, Z) with ``Z[i][j]`` = ``reduce`` of ``metric`` over the quantizers of block i
         and group j (``None`` where the cell has no quantizer): the data of the heatmap."""
@@ -690,7 +715,8 @@ MEASUREMENTS = ("on", "off", "cum", "tensor", "groups", "blocks")
 
 
 def _prefixed(m: dict[str, Any], suffix: str) -> dict[str, Any]:
-    out = {f"sqnr_{suffix}_db": m["sqnr_db"], f"kl_{suffix}": m["kl"], f"agree_{suffix}": m["agree"]}
+    out = {f"sqnr_{suffix}_db": m["sqnr_db"], f"kl_{suffix}": m["kl"], f"agree_{suffix}": m["agree"],
+           f"sqnr_{suffix}_self_db": m["sqnr_self_db"], f"kl_{suffix}_self": m["kl_self"]}  # fmt: skip
     if "top1" in m:
         out[f"top1_{suffix}"] = m["top1"]
     return out
@@ -713,7 +739,7 @@ def analyze_sensitivity(
         data: evaluation batches (see :class:`StreamingEvaluator`).
         fp_model: FP reference model (strongly recommended; default: the model with all quantizers off).
         measure: any of ``on`` (local), ``off``, ``cum`` (cumulative), ``tensor``, ``groups``,
-            ``blocks``. Passes over the data: 1 (FP) + 2 + one per quantizer for each of on/off/cum
+            ``blocks``. Passes over the data: 2 (FP, all off) + 2 + one per quantizer for each of on/off/cum
             (cum skips its first and last, equal to on / all-on) + 2 for tensor + 2 per group/block.
         checkpoint: JSON file of finished measurements; a rerun skips them.
         progress: one tqdm bar over the measurements.
@@ -757,7 +783,8 @@ def analyze_sensitivity(
         row: dict[str, Any] = {**asdict(q), "label": q.label}
         if "on" in measure:
             m = results[f"on|{q.name}"]
-            row.update({"sqnr_local_db": m["sqnr_db"], "kl_on": m["kl"], "agree_on": m["agree"]})
+            row.update({"sqnr_local_db": m["sqnr_db"], "kl_on": m["kl"], "agree_on": m["agree"],
+                        "sqnr_local_self_db": m["sqnr_self_db"], "kl_on_self": m["kl_self"]})  # fmt: skip
             if "top1" in m:
                 row["top1_on"] = m["top1"]
         if "off" in measure:

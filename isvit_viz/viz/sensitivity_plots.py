@@ -24,6 +24,9 @@ _GROUP_COLORS = {
 }
 METRIC_LABELS = {
     "kl_on": "KL(FP‖Q), only this quantizer on [nats]",
+    "kl_on_self": "KL(Q_off‖Q), only this quantizer on [nats]",
+    "sqnr_local_self_db": "local logit SQNR vs all quantizers off [dB]",
+    "sqnr_cum_self_db": "cumulative logit SQNR vs all quantizers off [dB]",
     "kl_off_recovery": "KL recovered by switching it alone off [nats]",
     "sqnr_local_db": "local logit SQNR [dB]",
     "sqnr_cum_db": "cumulative logit SQNR [dB]",
@@ -133,10 +136,12 @@ def plot_quantizer_sensitivity(
 
 
 def plot_sqnr_profile(reports: Any, backend: str = "plotly", view: str | None = None, title: str | None = None):
-    """Local and cumulative SQNR (logits, and tensor-level when measured) along forward order."""
+    """Local and cumulative SQNR along forward order: of the logits against FP and against the model with
+    every quantizer off (equal for calibration-only methods), and of the tensor at the quantizer."""
     _check_backend(backend)
     reps = _as_reports(reports)
-    series = [("sqnr_local_db", "logits, local"), ("sqnr_cum_db", "logits, cumulative"),
+    series = [("sqnr_local_db", "logits vs FP, local"), ("sqnr_cum_db", "logits vs FP, cumulative"),
+              ("sqnr_local_self_db", "logits vs all off, local"), ("sqnr_cum_self_db", "logits vs all off, cumulative"),
               ("tensor_sqnr_local_db", "tensor, local"), ("tensor_sqnr_cum_db", "tensor, cumulative")]  # fmt: skip
     title = title or "SQNR along the forward pass: only this quantizer on (local) vs all up to it on (cumulative)"
     if backend == "matplotlib":
@@ -161,7 +166,7 @@ def plot_sqnr_profile(reports: Any, backend: str = "plotly", view: str | None = 
             if key not in r.rows[0]:
                 continue
             fig.add_scatter(x=[row["label"] for row in r.rows], y=[row[key] for row in r.rows], mode="lines+markers", name=name,
-                            visible=i == 0, line={"dash": "dot" if key.startswith("tensor") else "solid"})  # fmt: skip
+                            visible=i == 0, line={"dash": "dot" if key.startswith("tensor") else "dash" if "self" in key else "solid"})  # fmt: skip
             n += 1
         counts.append(n)
     fig.update_layout(title=title, yaxis_title="SQNR [dB]", xaxis={"tickfont": {"size": 8}}, height=450,
@@ -171,7 +176,7 @@ def plot_sqnr_profile(reports: Any, backend: str = "plotly", view: str | None = 
 
 
 def heatmap_views(
-    studies: Mapping[str, Mapping[str, Any]], metric: str = "kl_on", cell_metric: str = "kl"
+    studies: Mapping[str, Mapping[str, Any]], metric: str = "kl_on_self", cell_metric: str = "kl"
 ) -> dict[str, tuple[list[str], list[str], list[list[float | None]]]]:
     """Heatmap data for :func:`plot_block_group_heatmap` from ``{method: sensitivity_study(...) dict}``.
 
@@ -196,7 +201,7 @@ def plot_block_group_heatmap(
     backend: str = "plotly",
     view: str | None = None,
     title: str | None = None,
-    colorbar: str = "log10 KL(FP‖Q)",
+    colorbar: str = "log10 KL",
 ):
     """Heatmap block x quantizer group; a dropdown switches between ``views`` (e.g. method and bit-width).
 
