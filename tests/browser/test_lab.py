@@ -173,7 +173,7 @@ def _drive_sliders(page, label: str) -> dict:
 
 def test_01_quantizer_explorer_in_lab(lab, browser):
     page = browser.new_page()
-    _run_all(page, lab, "01_post_softmax_quantizers.ipynb", "SULQ uses")
+    _run_all(page, lab, "01_post_softmax_quantizers.ipynb", "SULQ maps")
     assert page.locator(".js-plotly-plot").count() >= 1  # the plotly transfer curves rendered
     ch = _drive_sliders(page, "01_post_softmax_quantizers")
     assert "bits=3" in ch["r0"] and "bits=4" in ch["r1"]  # keyboard moved the bit-width slider
