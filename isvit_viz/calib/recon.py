@@ -1,4 +1,19 @@
-"""Reconstruction engine: fit one unit (block or layer) to FP-teacher outputs (method.md 2.2)."""
+"""Reconstruction engine: fit one unit (block or layer) to FP-teacher outputs (method.md 2.2).
+
+Two ways to train the weights (``ReconConfig.rounding``):
+
+* ``"ste"`` (I&S-ViT's official code): the latent FP weights and biases (and Swin relative-position
+  bias tables) are trained through the fixed-scale fake quantizer with the straight-through rule of
+  :mod:`isvit_viz.quant.ste`; Adam(lr), cosine to 0.
+* ``"adaround"`` (BRECQ / QDrop): every FP tensor stays frozen; only the AdaRound variables ``alpha`` of
+  the weight-quantized layers learn (Adam(alpha_lr), no schedule, as the authors' code), with loss
+  ``rec + round_weight * sum(1 - |2h - 1|^beta)``; the hard decisions are baked into the weights at
+  the end (:mod:`isvit_viz.quant.adaround`).
+
+QDrop options, usable with either: ``act_drop_prob`` keeps each element of every quantized activation
+inside the unit FP with that probability (fresh mask each step), and ``input_mix`` does the same to the
+unit's input, mixing the quantized-model input with the FP-teacher input (``fp_inputs``).
+"""
 
 from __future__ import annotations
 
@@ -8,31 +23,70 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quant.modules import QuantConv2d, QuantLinear, QuantModule
+from ..quant.adaround import adaround_layers, attach_adaround, beta_at, detach_adaround, harden_adaround, round_regularizer
+from ..quant.modules import QuantConv2d, QuantLinear, QuantModule, maybe_drop
 from .cache import TensorCache
+
+ROUNDINGS = ("ste", "adaround")
+
+
+def _check_prob(name: str, p: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
 
 
 @dataclass(frozen=True)
 class ReconConfig:
-    """Optimiser settings of the official code: Adam(lr 4e-5), cosine to 0 over ``iters``, batch 64."""
+    """Optimiser settings. Defaults are the official I&S-ViT code: Adam(lr 4e-5), cosine to 0 over
+    ``iters``, batch 64, STE weights, no QDrop.
+
+    Attributes:
+        iters / batch_size / lr: Adam steps, mini-batch size, learning rate of the STE weights.
+        act_drop_prob: QDrop: probability that an element of a quantized activation inside the unit
+            stays FP (every activation quantizer: Linear inputs, both operands of both attention
+            matmuls). QDrop uses 0.5.
+        input_mix: QDrop: probability that an element of the unit's input is the FP-teacher input
+            instead of the quantized-model input (needs ``fp_inputs``). QDrop uses 0.5.
+        matmul_dtype: ``"bfloat16"``: matmuls in bf16 during reconstruction only (speed option).
+        rounding: ``"ste"`` or ``"adaround"`` (module docstring).
+        alpha_lr: Adam learning rate of AdaRound's alpha (1e-3, BRECQ/QDrop: Adam's default).
+        round_weight: weight of the rounding regulariser (0.01, BRECQ/QDrop).
+        round_warmup: fraction of ``iters`` without regulariser (0.2, BRECQ/QDrop).
+        round_beta: (start, end) of the regulariser exponent, annealed linearly after the warm-up.
+    """
 
     iters: int = 1000
     batch_size: int = 64
     lr: float = 4e-5
-    act_drop_prob: float = 0.0  # QDrop: probability of keeping an activation FP during reconstruction
-    matmul_dtype: str = "float32"  # "bfloat16": matmuls in bf16 during reconstruction only (speed option)
+    act_drop_prob: float = 0.0
+    matmul_dtype: str = "float32"
+    rounding: str = "ste"
+    input_mix: float = 0.0
+    alpha_lr: float = 1e-3
+    round_weight: float = 0.01
+    round_warmup: float = 0.2
+    round_beta: tuple[float, float] = (20.0, 2.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"iters must be an int >= 0, got {self.iters!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if not (self.lr > 0 and self.lr < float("inf")):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        for name in ("lr", "alpha_lr"):
+            v = getattr(self, name)
+            if not (v > 0 and v < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         if self.matmul_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"matmul_dtype must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
-        if not 0.0 <= self.act_drop_prob < 1.0:
-            raise ValueError(f"act_drop_prob must be in [0, 1), got {self.act_drop_prob!r}")
+        _check_prob("act_drop_prob", self.act_drop_prob)
+        _check_prob("input_mix", self.input_mix)
+        _check_prob("round_warmup", self.round_warmup)
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if not (self.round_weight >= 0 and self.round_weight < float("inf")):
+            raise ValueError(f"round_weight must be a finite number >= 0, got {self.round_weight!r}")
+        if len(self.round_beta) != 2 or not all(b > 0 for b in self.round_beta):
+            raise ValueError(f"round_beta must be two positive numbers (start, end), got {self.round_beta!r}")
 
 
 def trainable_parameters(unit: nn.Module) -> list[nn.Parameter]:
@@ -51,15 +105,54 @@ def trainable_parameters(unit: nn.Module) -> list[nn.Parameter]:
     return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
 
 
+def channels_last_output(unit: nn.Module) -> bool:
+    """Whether a 4-D output of ``unit`` is channels-last [B, H, W, C], i.e. ``tokens_last`` applies.
+
+    Every unit but a convolution ends in a Linear (or a block of them) acting on the last axis, so a
+    4-D output is NHWC: timm Swin blocks and PatchMerging reductions. A conv unit (patch embedding)
+    outputs NCHW, where the official loss sums over channels.
+    """
+    return not isinstance(unit, (QuantConv2d, nn.Conv2d))
+
+
 def recon_loss(pred: torch.Tensor, target: torch.Tensor, tokens_last: bool = False) -> torch.Tensor:
     """Official ``lp_loss``: squared error summed over dim 1, averaged over the rest.
 
-    ``tokens_last``: NHWC block outputs (timm Swin) are flattened to [B, HW, C] first so dim 1 is the
-    token axis, as for ViT blocks.
+    ``tokens_last``: NHWC outputs (timm Swin blocks and PatchMerging) are flattened to [B, HW, C]
+    first so dim 1 is the token axis, as for ViT blocks and for the official code's [B, L, C] Swin.
     """
     if tokens_last and pred.dim() == 4:
         pred, target = pred.flatten(1, 2), target.flatten(1, 2)
     return (pred - target).pow(2).sum(1).mean()
+
+
+def _rounding_loss(alphas: list[nn.Module], cfg: ReconConfig, count: int) -> torch.Tensor | None:
+    """AdaRound regulariser at 1-based step ``count`` (``None`` during the warm-up)."""
+    beta = beta_at(count, cfg.iters, cfg.round_warmup, cfg.round_beta)
+    if beta is None or not alphas:
+        return None
+    return cfg.round_weight * sum(round_regularizer(a.h(), beta) for a in alphas)
+
+
+def _flip_fraction(unit: nn.Module) -> float:
+    """Share of AdaRound decisions that differ from round-to-nearest (before hardening)."""
+    flips = total = 0
+    for layer in adaround_layers(unit):
+        ada = layer._modules.get("adaround")
+        if ada is None:
+            continue
+        v = layer.weight.detach() / layer.weight_quantizer.scale
+        nearest_up = (torch.round(v) > torch.floor(v)).float()
+        flips += int((ada.hard() != nearest_up).sum())
+        total += v.numel()
+    return flips / max(total, 1)
+
+
+def _batch(inputs: TensorCache, fp_inputs: TensorCache | None, idx: torch.Tensor, p: float, device: torch.device) -> torch.Tensor:
+    x = inputs.gather(idx, device)
+    if p > 0:
+        x = maybe_drop(x, fp_inputs.gather(idx, device), p)
+    return x
 
 
 def reconstruct_unit(
@@ -69,51 +162,107 @@ def reconstruct_unit(
     cfg: ReconConfig,
     device: torch.device,
     generator: torch.Generator,
-    tokens_last: bool = False,
+    tokens_last: bool | None = None,
     desc: str = "recon",
     progress: bool = True,
+    fp_inputs: TensorCache | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.iters`` Adam steps on ``unit`` so ``unit(inputs)`` matches ``targets``.
 
     Mini-batches of ``cfg.batch_size`` random cached samples are moved to ``device`` each step.
-    Returns the loss of the first and last steps. ``requires_grad`` flags are restored afterwards.
+
+    Args:
+        tokens_last: flatten 4-D outputs to [B, HW, C] in the loss. ``None`` (default) decides from the
+            unit (:func:`channels_last_output`): True for every unit but a conv. Pass True for every
+            Swin unit with NHWC output (blocks *and* PatchMerging reductions), False for conv units.
+        fp_inputs: the FP teacher's inputs of this unit, same rows as ``inputs`` (needed when
+            ``cfg.input_mix > 0``; gathered with the same indices).
+
+    Returns:
+        ``loss_first`` / ``loss_last`` (total loss of the first and last steps) and their parts
+        ``rec_first`` / ``rec_last`` (reconstruction) and ``round_first`` / ``round_last`` (weighted
+        AdaRound regulariser, 0 with STE or during the warm-up); with AdaRound also ``flip_frac``, the
+        share of weights rounded against round-to-nearest. ``requires_grad`` flags are restored.
     """
     if inputs.n < cfg.batch_size:
         raise ValueError(f"calibration set ({inputs.n} samples) is smaller than the batch size {cfg.batch_size}")
-    params = trainable_parameters(unit)
+    if cfg.input_mix > 0 and (fp_inputs is None or fp_inputs.n != inputs.n):
+        raise ValueError("input_mix > 0 needs fp_inputs: the FP teacher's inputs of the unit, one row per cached input")
+    if tokens_last is None:
+        tokens_last = channels_last_output(unit)
+    adaround = cfg.rounding == "adaround"
+    if adaround and not adaround_layers(unit):
+        raise ValueError("rounding='adaround' needs weight-quantized layers in the unit (set_quant_state(weight=True))")
     saved = [(p, p.requires_grad) for p in unit.parameters()]
-    quant_layers = [m for m in unit.modules() if isinstance(m, QuantLinear)]
-    mm_layers = [m for m in unit.modules() if isinstance(m, QuantModule)]
+    q_modules = [m for m in unit.modules() if isinstance(m, QuantModule)]
     mm_dtype = None if cfg.matmul_dtype == "float32" else getattr(torch, cfg.matmul_dtype)
     for p in unit.parameters():
         p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    for m in quant_layers:
+    for m in q_modules:
         m.act_drop_prob = cfg.act_drop_prob
-    for m in mm_layers:
         m.matmul_dtype = mm_dtype
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
-    first = last = float("nan")
+    out: dict[str, float] = {}
     try:
-        with torch.enable_grad():
-            for it in tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False):
-                idx = torch.randperm(inputs.n, generator=generator)[: cfg.batch_size].sort().values
-                x, y = inputs.gather(idx, device), targets.gather(idx, device)
-                loss = recon_loss(unit(x), y, tokens_last)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if it == 0:
-                    first = float(loss.detach())
-                last = float(loss.detach()) if it == cfg.iters - 1 else last
+        if adaround:
+            alphas = attach_adaround(unit)
+            opt = torch.optim.Adam([a.alpha for a in alphas], lr=cfg.alpha_lr)
+            sched = None
+        else:
+            alphas = []
+            params = trainable_parameters(unit)
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=cfg.lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
+        out = _optimise(unit, inputs, targets, fp_inputs, cfg, device, generator, tokens_last, opt, sched, alphas, desc, progress)
+        if adaround:
+            out["flip_frac"] = _flip_fraction(unit)
+            harden_adaround(unit)
     finally:
+        detach_adaround(unit)  # after an error: back to the untouched weights
         for p, rg in saved:
             p.requires_grad_(rg)
-        for m in quant_layers:
+        for m in q_modules:
             m.act_drop_prob = 0.0
-        for m in mm_layers:
             m.matmul_dtype = None
-    return {"loss_first": first, "loss_last": last}
+    return out
+
+
+def _optimise(
+    unit: nn.Module,
+    inputs: TensorCache,
+    targets: TensorCache,
+    fp_inputs: TensorCache | None,
+    cfg: ReconConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    tokens_last: bool,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    alphas: list[nn.Module],
+    desc: str,
+    progress: bool,
+) -> dict[str, float]:
+    """The step loop of :func:`reconstruct_unit`; returns the first/last loss components."""
+    nan = float("nan")
+    out = {"loss_first": nan, "loss_last": nan, "rec_first": nan, "rec_last": nan, "round_first": nan, "round_last": nan}
+    with torch.enable_grad():
+        for it in tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False):
+            idx = torch.randperm(inputs.n, generator=generator)[: cfg.batch_size].sort().values
+            x = _batch(inputs, fp_inputs, idx, cfg.input_mix, device)
+            rec = recon_loss(unit(x), targets.gather(idx, device), tokens_last)
+            rnd = _rounding_loss(alphas, cfg, it + 1)
+            loss = rec if rnd is None else rec + rnd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if it in (0, cfg.iters - 1):
+                tag = "first" if it == 0 else "last"
+                out[f"loss_{tag}"], out[f"rec_{tag}"] = float(loss.detach()), float(rec.detach())
+                out[f"round_{tag}"] = 0.0 if rnd is None else float(rnd.detach())
+    if cfg.iters == 1:
+        for k in ("loss", "rec", "round"):
+            out[f"{k}_last"] = out[f"{k}_first"]
+    return out

@@ -12,6 +12,10 @@ In floating point the block computes the same function. With an integer ``z~`` t
 are also unchanged: ``round(x~/s~) + z~ = round(x/s_c) + z_c`` exactly when ``z_c - z~`` is an
 integer, so the transition is lossless in the quantized domain too. The official code keeps the
 fractional mean (``round_zero_point=False``), which shifts the rounding grid of most channels.
+
+RepQ-ViT (``test_quant.py`` lines 95-143) also folds Swin PatchMerging ``norm -> reduction`` when the
+reduction input is channel-wise (``QuantConfig.reduction_post_ln="channel"``); :func:`reparameterize`
+does so for every channel-wise one. :func:`repq_vit_calibrate` runs RepQ-ViT's whole calibration.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 from ..models.support import post_ln_links
 from ..quant.modules import QuantLinear
 from ..quant.uniform import UniformQuantizer
+from ..quant.wrap import calibrate_activations, calibrate_weights, patch_merging_links, set_quant_state
 
 
 def post_ln_pairs(model: nn.Module) -> Iterator[tuple[str, nn.LayerNorm, QuantLinear]]:
@@ -37,6 +42,18 @@ def post_ln_pairs(model: nn.Module) -> Iterator[tuple[str, nn.LayerNorm, QuantLi
         ln, nxt = model.get_submodule(ln_path), model.get_submodule(lin_path)
         if isinstance(ln, nn.LayerNorm) and isinstance(nxt, QuantLinear):
             yield block, ln, nxt
+
+
+def patch_merging_pairs(model: nn.Module) -> Iterator[tuple[str, nn.LayerNorm, QuantLinear]]:
+    """(PatchMerging name, its ``norm``, its ``reduction`` QuantLinear) for every Swin patch merging."""
+    for ln_path, lin_path in patch_merging_links(model):
+        ln, nxt = model.get_submodule(ln_path), model.get_submodule(lin_path)
+        if isinstance(ln, nn.LayerNorm) and isinstance(nxt, QuantLinear):
+            yield ln_path.rpartition(".")[0], ln, nxt
+
+
+def _is_channel_wise(q: object) -> bool:
+    return isinstance(q, UniformQuantizer) and q.is_calibrated and q.scale.numel() > 1
 
 
 @torch.no_grad()
@@ -67,9 +84,48 @@ def fold_channel_scales(ln: nn.LayerNorm, linear: QuantLinear, round_zero_point:
 
 
 def reparameterize(model: nn.Module, round_zero_point: bool = True) -> int:
-    """Fold every channel-wise post-LN quantizer of ``model`` (SOS stage 2). Returns the pair count."""
+    """Fold every channel-wise post-LN quantizer of ``model`` (SOS stage 2 / RepQ-ViT).
+
+    Returns the number of pairs handled: every block pair (``post_ln_pairs``; layer-wise ones are left
+    as they are but counted) plus every PatchMerging pair whose reduction input is channel-wise.
+    """
     n = 0
     for _, ln, nxt in list(post_ln_pairs(model)):
         fold_channel_scales(ln, nxt, round_zero_point)
         n += 1
+    for _, ln, nxt in list(patch_merging_pairs(model)):
+        if _is_channel_wise(nxt.input_quantizer):
+            fold_channel_scales(ln, nxt, round_zero_point)
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def repq_vit_calibrate(model: nn.Module, images: torch.Tensor, round_zero_point: bool = False) -> int:
+    """RepQ-ViT's calibration (``test_quant.py`` lines 89-148) of a wrapped model, in place.
+
+    RepQ-ViT initialises every quantizer lazily in one forward pass with weight and activation
+    quantization on: each Linear calibrates its input quantizer and then its weight quantizer, so every
+    activation quantizer sees the outputs of fully quantized earlier layers (quantized weights and
+    activations). Weight initialisation does not depend on data, so this equals: all weights first,
+    then one activation pass with everything quantized. Then it reparameterizes (fractional mean
+    zero-point) and re-initialises only the weight quantizers of the folded Linears (``inited = False``)
+    in a second pass; activation quantizers keep their parameters. Re-calibrating every weight here
+    gives the same result (the other weights are unchanged and their search is deterministic).
+
+    Args:
+        model: wrapped with RepQ-ViT's placement (``QuantConfig`` with ``post_ln="channel"``,
+            ``reduction_post_ln="channel"``, ``input_bits=8``, ``softmax="logsqrt2"`` with
+            ``softmax_kwargs={"include_max": False}``, ``weight_percentiles=ACT_PERCENTILES``).
+        images: calibration batch [N, C, H, W] (RepQ-ViT: one batch of 32 training images).
+        round_zero_point: RepQ-ViT keeps the fractional mean zero-point (``False``).
+
+    Returns:
+        the number of folded pairs (:func:`reparameterize`). Leaves weight and activation quantization on.
+    """
+    calibrate_weights(model)
+    set_quant_state(model, weight=True, act=True)
+    calibrate_activations(model, images)
+    n = reparameterize(model, round_zero_point=round_zero_point)
+    calibrate_weights(model)
     return n

@@ -1,8 +1,9 @@
 """The common quantizer interface: fake-quant ``forward``, integer ``encode``/``decode`` and ``levels``.
 
 Every quantizer maps an input to an integer-valued *code* (a float tensor of whole numbers during
-training so gradients can pass straight through) and de-quantizes codes with one formula. ``forward``,
-``encode`` and ``decode`` share both halves, so ``forward(x) == decode(encode(x))`` holds bit for bit.
+training so gradients can pass straight through, by the rule in :mod:`isvit_viz.quant.ste`) and
+de-quantizes codes with one formula. ``forward``, ``encode`` and ``decode`` share both halves, so
+``forward(x) == decode(encode(x))`` holds bit for bit.
 """
 
 from __future__ import annotations
@@ -13,16 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .ste import clamp_ste, rnd, round_ste  # noqa: F401  (re-exported: the STE rule lives in ste.py)
+
 MIN_BITS, MAX_BITS = 2, 16
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest with a straight-through gradient (identity backward).
-
-    ``x + (round(x) - x).detach()`` is exactly ``round(x)`` in floating point: ``round(x) - x`` is the
-    fractional part, which is always representable.
-    """
-    return x + (torch.round(x) - x).detach()
 
 
 def check_bits(bits: Any) -> int:
@@ -168,8 +162,3 @@ class Quantizer(nn.Module):
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def rnd(x: torch.Tensor, ste: bool) -> torch.Tensor:
-    """Round to nearest, straight-through when ``ste``."""
-    return round_ste(x) if ste else torch.round(x)

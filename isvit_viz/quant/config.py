@@ -9,6 +9,8 @@ from .base import check_bits
 from .registry import QUANTIZERS
 
 SOFTMAX_QUANTIZERS = ("sulq", "log2", "logsqrt2", "uniform", "twin_uniform", "adalog")
+#: PTQ4ViT's official-code twin-uniform quantizers (:mod:`isvit_viz.quant.ptq4vit`), placed by name.
+PTQ4VIT_TWIN = "twin_uniform_ptq4vit"
 
 
 @dataclass(frozen=True)
@@ -20,9 +22,17 @@ class QuantConfig:
         softmax: quantizer of the post-softmax operand of ``P @ V`` (a name from ``QUANTIZERS``).
         softmax_kwargs: extra constructor arguments, e.g. ``{"mode": "official"}`` for SULQ.
         post_ln: ``"channel"`` (per-channel inputs of qkv/fc1, SOS stage 1) or ``"layer"``.
-        post_gelu: quantizer of the fc2 input: ``"uniform"`` or ``"twin_uniform"`` (PTQ4ViT).
+        post_gelu: quantizer of the fc2 input: ``"uniform"``, ``"twin_uniform"`` (PTQ4ViT as the paper
+            describes it) or ``"twin_uniform_ptq4vit"`` (PTQ4ViT's official code). ``softmax`` also
+            accepts ``"twin_uniform_ptq4vit"``.
         weight_granularity: ``"channel"`` (per output row, the paper) or ``"tensor"``.
         act_init / weight_init: ``"percentile_mse"`` (official) or ``"minmax"``.
+        input_bits: bit-width of a per-tensor uniform quantizer on the input image of the patch
+            embedding (RepQ-ViT: 8); ``None`` (default) keeps the image FP, as I&S-ViT.
+        reduction_post_ln: input quantizer of Swin PatchMerging ``reduction`` (post-LN): ``"layer"``
+            (default, I&S-ViT) or ``"channel"`` (RepQ-ViT; folded into ``norm`` by reparameterization).
+        weight_percentiles: candidate list of the weight percentile search; ``None`` = ``WEIGHT_PERCENTILES``
+            (I&S-ViT's 9 values), RepQ-ViT uses ``ACT_PERCENTILES`` (0.999, 0.9999, 0.99999).
     """
 
     w_bits: int = 4
@@ -34,15 +44,23 @@ class QuantConfig:
     weight_granularity: str = "channel"
     act_init: str = "percentile_mse"
     weight_init: str = "percentile_mse"
+    input_bits: int | None = None
+    reduction_post_ln: str = "layer"
+    weight_percentiles: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits)
         check_bits(self.a_bits)
-        if self.softmax not in QUANTIZERS:
-            raise ValueError(f"unknown softmax quantizer {self.softmax!r}; valid: {sorted(QUANTIZERS)}")
+        if self.input_bits is not None:
+            check_bits(self.input_bits)
+        if self.softmax not in QUANTIZERS and self.softmax != PTQ4VIT_TWIN:
+            raise ValueError(f"unknown softmax quantizer {self.softmax!r}; valid: {sorted(QUANTIZERS) + [PTQ4VIT_TWIN]}")
+        if self.weight_percentiles is not None:  # a JSON round trip gives a list
+            object.__setattr__(self, "weight_percentiles", tuple(float(p) for p in self.weight_percentiles))
         for name, val, ok in (
             ("post_ln", self.post_ln, ("channel", "layer")),
-            ("post_gelu", self.post_gelu, ("uniform", "twin_uniform")),
+            ("reduction_post_ln", self.reduction_post_ln, ("channel", "layer")),
+            ("post_gelu", self.post_gelu, ("uniform", "twin_uniform", PTQ4VIT_TWIN)),
             ("weight_granularity", self.weight_granularity, ("channel", "tensor")),
             ("act_init", self.act_init, ("percentile_mse", "minmax")),
             ("weight_init", self.weight_init, ("percentile_mse", "minmax")),

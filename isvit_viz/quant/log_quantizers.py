@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Quantizer, check_positive_finite, rnd
+from .base import Quantizer, check_positive_finite
+from .ste import clamp_ste, rnd
 
 _TINY = 1e-30  # keeps log2 finite at x = 0; codes for it clamp (or flush) like any underflow
 
@@ -42,9 +43,9 @@ class Log2Quantizer(Quantizer):
         self.scale.fill_(max(s, _TINY))
 
     def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
-        k = rnd(-torch.log2(x.clamp_min(_TINY) / self.scale), ste)
+        k = rnd(-torch.log2(clamp_ste(x, _TINY) / self.scale), ste)
         top = 2**self.bits if self.underflow == "zero" else 2**self.bits - 1
-        return torch.clamp(k, 0, top)
+        return clamp_ste(k, 0, top)
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
         vals = self.scale * torch.exp2(-codes)
@@ -59,16 +60,22 @@ class Log2Quantizer(Quantizer):
 class LogSqrt2Quantizer(Quantizer):
     """RepQ-ViT's log-sqrt2 quantizer: levels ``d * 2^(-k/2)``, ``k = 0 .. 2^b - 1``; codes >= 2^b -> 0.
 
-    ``d`` is chosen by MSE among ``max(x)`` and the ``percentiles`` quantiles of x, as RepQ-ViT does.
-    The flush-to-zero code makes ``n_codes = 2^b + 1``.
+    ``d`` is chosen by MSE among the ``percentiles`` quantiles of x (first wins ties), plus ``max(x)``
+    when ``include_max``. RepQ-ViT's ``LogSqrt2Quantizer.init_quantization_scale`` starts from
+    ``delta = max`` but with ``best_score = 1e10``, so the first percentile always replaces it: max is
+    never chosen there (``include_max=False``). ``include_max=True`` (default) keeps this package's
+    earlier behaviour for existing users. The flush-to-zero code makes ``n_codes = 2^b + 1``.
     """
 
     name = "logsqrt2"
     non_negative_input = True
 
-    def __init__(self, bits: int, percentiles: Sequence[float] = (0.999, 0.9999, 0.99999)) -> None:
+    def __init__(self, bits: int, percentiles: Sequence[float] = (0.999, 0.9999, 0.99999), include_max: bool = True) -> None:
         super().__init__(bits)
         self.percentiles = tuple(float(p) for p in percentiles)
+        if not self.percentiles and not include_max:
+            raise ValueError("LogSqrt2Quantizer needs at least one scale candidate (percentiles or include_max)")
+        self.include_max = bool(include_max)
         self.register_buffer("scale", torch.tensor(1.0))
 
     @property
@@ -76,10 +83,7 @@ class LogSqrt2Quantizer(Quantizer):
         return 2**self.bits + 1
 
     def _calibrate(self, x: torch.Tensor) -> None:
-        from .uniform import rowwise_quantiles
-
-        flat = x.reshape(1, -1)
-        cands = [x.max()] + list(rowwise_quantiles(flat, self.percentiles)[:, 0])
+        cands = self.scale_candidates(x)
         best, best_err = None, None
         for d in cands:
             self.scale.fill_(max(float(d), _TINY))
@@ -88,9 +92,16 @@ class LogSqrt2Quantizer(Quantizer):
                 best, best_err = float(self.scale), err
         self.scale.fill_(best)
 
+    def scale_candidates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Scale candidates ``d`` searched on ``x``, in order: ``[max(x)]`` if ``include_max``, then the quantiles."""
+        from .uniform import rowwise_quantiles
+
+        quant = list(rowwise_quantiles(x.reshape(1, -1), self.percentiles)[:, 0]) if self.percentiles else []
+        return ([x.max()] if self.include_max else []) + quant
+
     def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
-        k = rnd(-2 * torch.log2(x.clamp_min(_TINY) / self.scale), ste)
-        return torch.clamp(k, 0, 2**self.bits)
+        k = rnd(-2 * torch.log2(clamp_ste(x, _TINY) / self.scale), ste)
+        return clamp_ste(k, 0, 2**self.bits)
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
         vals = self.scale * torch.exp2(-codes / 2)
@@ -130,8 +141,8 @@ class AdaLogQuantizer(Quantizer):
         self.log2_base.fill_(best)
 
     def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
-        k = rnd(-torch.log2(x.clamp_min(_TINY) / self.scale) / self.log2_base, ste)
-        return torch.clamp(k, 0, 2**self.bits - 1)
+        k = rnd(-torch.log2(clamp_ste(x, _TINY) / self.scale) / self.log2_base, ste)
+        return clamp_ste(k, 0, 2**self.bits - 1)
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
         vals = self.scale * torch.exp2(-codes * self.log2_base)

@@ -14,7 +14,10 @@ from .base import Quantizer
 
 
 class QuantModule(nn.Module):
-    """Mixin state: quantization switches, and an optional reduced-precision matmul dtype.
+    """Mixin state: quantization switches, QDrop's drop probability and a reduced-precision matmul dtype.
+
+    ``act_drop_prob`` (QDrop, reconstruction only): each element of every quantized activation of the
+    module keeps its FP value with this probability, a fresh mask per forward (:func:`maybe_drop`).
 
     ``matmul_dtype=torch.bfloat16`` runs only the matrix products in bf16 (fp32 accumulation) while
     quantizers, norms and softmax stay fp32: a reconstruction speed option (AMX/tensor cores), off by
@@ -23,7 +26,35 @@ class QuantModule(nn.Module):
 
     weight_quant: bool = False
     act_quant: bool = False
+    act_drop_prob: float = 0.0
     matmul_dtype: torch.dtype | None = None
+
+
+def maybe_drop(x_q: torch.Tensor, x_fp: torch.Tensor, p: float) -> torch.Tensor:
+    """QDrop: each element takes its FP value ``x_fp`` with probability ``p``, else ``x_q``.
+
+    ``p = 0`` returns ``x_q`` itself (no random draw), ``p = 1`` returns ``x_fp``. The mask comes from
+    the global RNG (``torch.rand_like``), fresh on every call, as the QDrop code draws it.
+    """
+    if p <= 0:
+        return x_q
+    if p >= 1:
+        return x_fp
+    return torch.where(torch.rand_like(x_fp) < p, x_fp, x_q)
+
+
+def _quantized_weight(layer: QuantLinear | QuantConv2d) -> torch.Tensor:
+    """The layer's weight as its forward uses it: FP, fake-quantized, or AdaRound's soft rounding.
+
+    ``layer.adaround`` (an :class:`isvit_viz.quant.adaround.AdaRound`) exists only while a
+    reconstruction learns the rounding; it is not an attribute otherwise.
+    """
+    if not layer.weight_quant:
+        return layer.weight
+    ada = layer._modules.get("adaround")
+    if ada is not None:
+        return ada(layer.weight, layer.weight_quantizer)
+    return layer.weight_quantizer(layer.weight)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
@@ -46,11 +77,9 @@ class QuantLinear(QuantModule):
         self.bias = linear.bias
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
-        # Adds QDrop-style stochastic dropping of activation quantization during reconstruction.
-        self.act_drop_prob = 0.0
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight) if self.weight_quant else self.weight
+        return _quantized_weight(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001
         # SOS reparameterization gives a bias-free Linear (qkv_bias=False) a bias (calib/reparam.py);
@@ -62,11 +91,7 @@ class QuantLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant and self.input_quantizer is not None:
-            xq = self.input_quantizer(x)
-            if self.act_drop_prob > 0:
-                keep_fp = torch.rand_like(x) < self.act_drop_prob
-                xq = torch.where(keep_fp, x, xq)
-            x = xq
+            x = maybe_drop(self.input_quantizer(x), x, self.act_drop_prob)
         return _linear(x, self.quantized_weight(), self.bias, self.matmul_dtype)
 
     def extra_repr(self) -> str:
@@ -74,9 +99,12 @@ class QuantLinear(QuantModule):
 
 
 class QuantConv2d(QuantModule):
-    """Patch-embedding ``nn.Conv2d`` with a weight quantizer (the input image stays FP, as the paper)."""
+    """Patch-embedding ``nn.Conv2d`` with a weight quantizer and an optional input-image quantizer.
 
-    def __init__(self, conv: nn.Conv2d, weight_quantizer: Quantizer) -> None:
+    ``input_quantizer=None`` (default) keeps the image FP, as I&S-ViT; RepQ-ViT quantizes it (8 bits).
+    """
+
+    def __init__(self, conv: nn.Conv2d, weight_quantizer: Quantizer, input_quantizer: Quantizer | None = None) -> None:
         super().__init__()
         self.weight = conv.weight
         self.bias = conv.bias
@@ -86,12 +114,14 @@ class QuantConv2d(QuantModule):
         if conv.padding_mode != "zeros":
             raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
         self.weight_quantizer = weight_quantizer
-        self.input_quantizer = None
+        self.input_quantizer = input_quantizer
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight) if self.weight_quant else self.weight
+        return _quantized_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant and self.input_quantizer is not None:
+            x = maybe_drop(self.input_quantizer(x), x, self.act_drop_prob)
         return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -105,7 +135,8 @@ class QuantMatMul(QuantModule):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
-            a, b = self.quantizer_a(a), self.quantizer_b(b)
+            p = self.act_drop_prob
+            a, b = maybe_drop(self.quantizer_a(a), a, p), maybe_drop(self.quantizer_b(b), b, p)
         if self.matmul_dtype is not None:
             return (a.to(self.matmul_dtype) @ b.to(self.matmul_dtype)).to(a.dtype)
         return a @ b

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Quantizer, check_positive_finite, rnd, round_ste
+from .base import Quantizer, check_positive_finite
+from .ste import clamp_ste, rnd, round_ste
 
 #: The official code's 11 candidates for the shift eta (method.md 1.4).
 OFFICIAL_ETA_GRID: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -77,9 +78,9 @@ class SULQ(Quantizer):
         if self.mode == "paper":
             s = self._step(2**self.bits - 1)
             z = torch.round(-self.minv / s)
-            return torch.clamp(rnd(y / s, ste) + z, 0, 2**self.bits - 1)
+            return clamp_ste(rnd(y / s, ste) + z, 0, 2**self.bits - 1)
         d = self._step(2**self.bits)
-        return torch.clamp(rnd((y - self.minv) / d, ste), 0, 2**self.bits)
+        return clamp_ste(rnd((y - self.minv) / d, ste), 0, 2**self.bits)
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
         if self.mode == "paper":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Quantizer, rnd
+from .base import Quantizer
+from .ste import clamp_ste, rnd
 
 
 class TwinUniformQuantizer(Quantizer):
@@ -58,11 +59,11 @@ class TwinUniformQuantizer(Quantizer):
         if self.kind == "softmax":
             c1 = rnd(x / self.step1, ste)
             in_r1 = c1.detach() <= h - 1
-            c1 = c1.clamp(0, h - 1)
+            c1 = clamp_ste(c1, 0, h - 1)
         else:
-            c1 = rnd(-x / self.step1, ste).clamp(0, h - 1)
+            c1 = clamp_ste(rnd(-x / self.step1, ste), 0, h - 1)
             in_r1 = x.detach() < 0
-        c2 = rnd(x / self.step2, ste).clamp(0, h - 1)
+        c2 = clamp_ste(rnd(x / self.step2, ste), 0, h - 1)
         return torch.where(in_r1, c1, c2 + h)
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Quantizer, rnd
+from .base import Quantizer
+from .ste import clamp_ste, inside_mask, rnd
 
 #: Percentile candidates of the official code (method.md 2.1).
 ACT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
@@ -93,16 +94,15 @@ def _scale_zp(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) ->
 class _UniformFakeQuant(torch.autograd.Function):
     """Fused uniform fake-quant with the straight-through gradient of the official code.
 
-    Same values as ``(clamp(round_ste(x/s) + z, 0, qmax) - z) * s``. The backward passes the gradient
-    where the unclamped code lies strictly inside (0, qmax), which is what autograd gives for that
-    expression here (checked in tests), and keeps one bool mask instead of the autograd graph of six
-    element-wise ops.
+    Same values and gradient as ``(clamp_ste(round_ste(x/s) + z, 0, qmax) - z) * s``: the gradient
+    passes where the rounded code lies in [0, qmax], edges included (:mod:`isvit_viz.quant.ste`).
+    Keeps one bool mask instead of the autograd graph of six element-wise ops.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
         code = torch.round(x / scale).add_(zero_point)
-        mask = (code > 0) & (code < qmax)  # torch.clamp passes no gradient at the bounds themselves
+        mask = inside_mask(code, 0, qmax)
         ctx.save_for_backward(mask)
         return code.clamp_(0, qmax).sub_(zero_point).mul_(scale)
 
@@ -187,7 +187,7 @@ class UniformQuantizer(Quantizer):
         return _UniformFakeQuant.apply(x, self.scale, self.zero_point, self.qmax)
 
     def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
-        return torch.clamp(rnd(x / self.scale, ste) + self.zero_point, 0, self.qmax)
+        return clamp_ste(rnd(x / self.scale, ste) + self.zero_point, 0, self.qmax)
 
     def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
         return (codes - self.zero_point) * self.scale

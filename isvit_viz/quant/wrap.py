@@ -10,8 +10,9 @@ from torch import nn
 
 from ..models.support import UnsupportedModelError, check_supported, post_ln_links  # noqa: F401 (re-exported: raised here)
 from .base import Quantizer
-from .config import QuantConfig
+from .config import PTQ4VIT_TWIN, QuantConfig
 from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantModule, QuantWindowAttention
+from .ptq4vit import PTQ4ViTGeluQuantizer, PTQ4ViTSoftmaxQuantizer
 from .registry import make_quantizer
 from .twin_uniform import TwinUniformQuantizer
 from .uniform import WEIGHT_PERCENTILES, UniformQuantizer
@@ -44,15 +45,30 @@ def _act_quantizer(cfg: QuantConfig, channel_wise: bool = False) -> UniformQuant
 
 def _weight_quantizer(cfg: QuantConfig) -> UniformQuantizer:
     axis = 0 if cfg.weight_granularity == "channel" else None
-    return UniformQuantizer(cfg.w_bits, channel_axis=axis, init=cfg.weight_init, percentiles=WEIGHT_PERCENTILES)
+    pcts = WEIGHT_PERCENTILES if cfg.weight_percentiles is None else cfg.weight_percentiles
+    return UniformQuantizer(cfg.w_bits, channel_axis=axis, init=cfg.weight_init, percentiles=pcts)
 
 
 def _softmax_quantizer(cfg: QuantConfig) -> Quantizer:
+    if cfg.softmax == PTQ4VIT_TWIN:
+        return PTQ4ViTSoftmaxQuantizer(cfg.a_bits, **cfg.softmax_kwargs)
     if cfg.softmax == "uniform":
         return UniformQuantizer(cfg.a_bits, init=cfg.act_init, **cfg.softmax_kwargs)
     if cfg.softmax == "twin_uniform":
         return TwinUniformQuantizer(cfg.a_bits, kind="softmax", **cfg.softmax_kwargs)
     return make_quantizer(cfg.softmax, cfg.a_bits, **cfg.softmax_kwargs)
+
+
+def patch_merging_links(model: nn.Module) -> list[tuple[str, str]]:
+    """``(norm path, reduction path)`` of every timm Swin ``PatchMerging`` (``norm`` then ``reduction``).
+
+    The LayerNorm output feeds only ``reduction``, so a channel-wise quantizer on the reduction input
+    folds into the norm exactly as for qkv/fc1 (RepQ-ViT's ``test_quant.py`` does it for every ``norm``
+    under ``model.layers``). Works on FP and wrapped models.
+    """
+    from timm.models.swin_transformer import PatchMerging
+
+    return [(f"{n}.norm", f"{n}.reduction") for n, m in model.named_modules() if type(m) is PatchMerging]
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -66,7 +82,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 
     Placement (method.md 2.1): every ``nn.Linear`` (qkv, proj, fc1, fc2, head, Swin reduction) gets a
     weight quantizer and an input quantizer (channel-wise for the Linears that read a block LayerNorm,
-    qkv/fc1, when ``cfg.post_ln == "channel"``; ``cfg.post_gelu`` for fc2); the patch-embedding conv gets a weight quantizer only; both
+    qkv/fc1, when ``cfg.post_ln == "channel"``, and for a Swin PatchMerging reduction when
+    ``cfg.reduction_post_ln == "channel"``; ``cfg.post_gelu`` for fc2); the patch-embedding conv gets a
+    weight quantizer, and a per-tensor ``cfg.input_bits`` quantizer on the image when that is set; both
     attention matmuls get operand quantizers, with ``cfg.softmax`` on the post-softmax operand.
     Quantization starts switched off (see :func:`set_quant_state`), so the model still computes FP.
 
@@ -81,6 +99,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             raise ValueError(f"model is already quantized (found {type(mod).__name__} at {name!r})")
     kind = check_supported(model)  # validate everything before changing anything
     post_ln = {lin for _, _, lin in post_ln_links(model)}
+    reductions = {lin for _, lin in patch_merging_links(model)}
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (Attention, WindowAttention)):
@@ -97,13 +116,18 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if isinstance(mod, nn.Linear):
             if name in post_ln:
                 aq: Quantizer = _act_quantizer(cfg, channel_wise=cfg.post_ln == "channel")
+            elif name in reductions:
+                aq = _act_quantizer(cfg, channel_wise=cfg.reduction_post_ln == "channel")
             elif leaf == "fc2" and cfg.post_gelu == "twin_uniform":
                 aq = TwinUniformQuantizer(cfg.a_bits, kind="gelu")
+            elif leaf == "fc2" and cfg.post_gelu == PTQ4VIT_TWIN:
+                aq = PTQ4ViTGeluQuantizer(cfg.a_bits)
             else:
                 aq = _act_quantizer(cfg)
             _set_submodule(model, name, QuantLinear(mod, _weight_quantizer(cfg), aq))
         elif isinstance(mod, nn.Conv2d):
-            _set_submodule(model, name, QuantConv2d(mod, _weight_quantizer(cfg)))
+            iq = None if cfg.input_bits is None else UniformQuantizer(cfg.input_bits, init=cfg.act_init)
+            _set_submodule(model, name, QuantConv2d(mod, _weight_quantizer(cfg), iq))
     model.isvit_quant_kind = kind  # type: ignore[attr-defined]
     return model
 
@@ -136,7 +160,7 @@ def quant_state(model: nn.Module, weight: bool, act: bool) -> Iterator[None]:
 def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     """All activation quantizers with their qualified names (``<module>.input_quantizer`` etc.)."""
     for name, mod in quant_modules(model):
-        if isinstance(mod, QuantLinear) and mod.input_quantizer is not None:
+        if isinstance(mod, (QuantLinear, QuantConv2d)) and mod.input_quantizer is not None:
             yield f"{name}.input_quantizer", mod.input_quantizer
         elif isinstance(mod, QuantMatMul):
             yield f"{name}.quantizer_a", mod.quantizer_a

@@ -8,6 +8,7 @@ rendered and that no cell shows an error. Screenshots go to runs/browser/.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -120,8 +121,13 @@ def _run_all(page, url: str, name: str, done_text: str) -> None:
         raise
 
 
+def _readout_locator(page):
+    # case-sensitive and anchored: `has-text('RESULT')` would also match a markdown `results/` path
+    return page.locator("code").filter(has_text=re.compile(r"^RESULT ")).first
+
+
 def _readout(page) -> str:
-    return page.locator("code:has-text('RESULT')").first.inner_text()
+    return _readout_locator(page).inner_text()
 
 
 def _figure_bytes(page) -> str:
@@ -148,7 +154,7 @@ def _no_errors(page) -> None:
 
 def _drive_sliders(page, label: str) -> dict:
     """Keyboard on the bit-width slider, mouse drag on the shift slider; returns what changed."""
-    page.locator("code:has-text('RESULT')").first.scroll_into_view_if_needed()
+    _readout_locator(page).scroll_into_view_if_needed()
     r0, f0 = _readout(page), _figure_bytes(page)
     bits = page.locator(".widget-slider:has(label:text-is('bits')) .noUi-handle").last
     bits.click()
