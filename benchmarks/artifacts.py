@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         elif part == "ablations":
             make_ablations(root)
         else:  # levels / sensitivity have their own benchmark modules
-            importlib.import_module(f"benchmarks.{part}").main([])
+            where = ["--root" if part == "levels" else "--results-root", str(root)]
+            importlib.import_module(f"benchmarks.{part}").main([*where, "--threads", str(args.threads)])
         print(f"{part}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

@@ -86,24 +86,13 @@ def _load_model_and_data(args: argparse.Namespace, n_calib: int, n_test: int | N
         splits = EmbeddedSplits()
         calib_x, _ = splits.calib_tensors(n_calib, seed=args.seed)
         return model, calib_x, splits.test(n_test)
-    from .data.imagenet import check_classes, dataset_classes, imagefolder_dataset, imagefolder_loader
+    from .data.imagenet import imagenet_data
 
-    train, val = _imagenet_folders(args.data, args.model, need_train=True)
+    _imagenet_folders(args.data, args.model, need_train=True)
     model = create(args.model, weights=args.weights)
-    workers = _workers(args)
-    calib_ds = imagefolder_dataset(train, model, n_calib, seed=args.seed, sampling="random")
     pin = str(getattr(args, "device", "cpu")).startswith("cuda")
-    test_loader = imagefolder_loader(val, model, n=n_test, batch_size=200, num_workers=workers, seed=args.seed,
-                                     pin_memory=pin)  # fmt: skip
-    check_classes(dataset_classes(calib_ds), model, train)
-    check_classes(dataset_classes(test_loader), model, val)
-    if dataset_classes(calib_ds) != dataset_classes(test_loader):
-        raise CLIError(f"--data {args.data}: train/ and val/ have different class folders")
-    import torch
-    from torch.utils.data import DataLoader
-
-    calib_loader = DataLoader(calib_ds, batch_size=64, num_workers=workers)
-    calib_x = torch.cat([x for x, _ in calib_loader])
+    calib_x, test_loader = imagenet_data(args.data, model, n_calib, n_test, seed=args.seed, num_workers=_workers(args),
+                                         pin_memory=pin)  # fmt: skip
     return model, calib_x, test_loader
 
 

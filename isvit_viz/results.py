@@ -51,6 +51,15 @@ def results_dir() -> Path:
     return path
 
 
+#: The command that writes each artifact (``benchmarks.artifacts`` runs them all).
+ARTIFACT_COMMANDS: dict[str, str] = {
+    "landscapes": "python -m benchmarks.artifacts --parts landscapes",
+    "attention": "python -m benchmarks.levels",
+    "levels": "python -m benchmarks.levels",
+    "sensitivity": "python -m benchmarks.sensitivity",
+}
+
+
 def artifact_path(name: str, root: str | Path | None = None) -> Path:
     if name not in ARTIFACT_FORMATS:
         raise ValueError(f"unknown artifact {name!r}; known: {sorted(ARTIFACT_FORMATS)}")
@@ -61,9 +70,7 @@ def load_artifact(name: str, root: str | Path | None = None) -> dict[str, Any]:
     """Read artifact ``name`` and check that its format is the one this code reads."""
     path = artifact_path(name, root)
     if not path.is_file():
-        raise ResultsNotFoundError(
-            f"artifact {name!r} missing: {path} (make it with `python -m benchmarks.artifacts --parts {name}`)"
-        )
+        raise ResultsNotFoundError(f"artifact {name!r} missing: {path} (make it with `{ARTIFACT_COMMANDS[name]}`)")
     payload = json.loads(path.read_text())
     got, want = payload.get("format"), ARTIFACT_FORMATS[name]
     if payload.get("artifact") != name or got != want:

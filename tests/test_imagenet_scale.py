@@ -103,6 +103,26 @@ def test_calibration_keeps_the_official_random_rule(imagenet):
     assert legacy.dataset.indices == ds.indices
 
 
+def test_imagenet_data_draws_calibration_and_a_stratified_val(imagenet, weights, tmp_path):
+    import timm
+
+    from isvit_viz.data import calibration_images, imagenet_data
+
+    model = weights[1]
+    calib, loader = imagenet_data(imagenet, model, n_calib=6, n_test=1003, seed=2, num_workers=0)
+    assert torch.equal(calib, calibration_images(imagenet / "train", model, 6, seed=2))  # the official random rule
+    assert loader.dataset.indices == imagefolder_dataset(imagenet / "val", model, n=1003, seed=2).indices
+    mismatch = tmp_path / "mismatch"
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for c in classes:
+            (mismatch / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(mismatch / split / c / "0.JPEG")
+    with pytest.raises(ValueError, match="train/ and val/ have different class folders"):
+        imagenet_data(mismatch, timm.create_model(MODEL, num_classes=2), n_calib=1, num_workers=0)
+    with pytest.raises(FileNotFoundError, match="missing folder"):
+        imagenet_data(tmp_path / "nowhere", model, num_workers=0)
+
+
 # --- preprocessing ------------------------------------------------------------------------------------
 
 #: Per paper model: where the official evaluation settings (method.md 3.1) differ from timm's pretrained

@@ -154,3 +154,18 @@ def test_landscape_notebook_prints_the_committed_grids():
         line = next(ln for ln in printed.splitlines() if re.match(rf"{stage}\s+{cfg}\s", ln))
         assert f"mean {Z.mean():.4g}" in line and f"max {Z.max():.4g}" in line
     assert "(a) > (b) > (c):" in printed
+
+
+@pytest.mark.parametrize("name", ["landscapes", "attention", "levels", "sensitivity"])
+def test_missing_artifact_names_the_command_that_writes_it(name, tmp_path):
+    import importlib
+
+    from isvit_viz.results import ARTIFACT_COMMANDS, ARTIFACT_FORMATS, ResultsNotFoundError, load_artifact
+
+    assert set(ARTIFACT_COMMANDS) == set(ARTIFACT_FORMATS)
+    with pytest.raises(ResultsNotFoundError) as err:
+        load_artifact(name, root=tmp_path)
+    command = ARTIFACT_COMMANDS[name]
+    assert f"`{command}`" in str(err.value)
+    module = command.split()[2]
+    assert hasattr(importlib.import_module(module), "main")  # the named benchmark exists

@@ -244,6 +244,40 @@ def imagefolder_loader(
     return loader
 
 
+def imagenet_data(
+    root: str | Path,
+    model: nn.Module,
+    n_calib: int = 1024,
+    n_test: int | None = None,
+    seed: int = 0,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+    batch_size: int = 200,
+) -> tuple[torch.Tensor, DataLoader]:
+    """Calibration images and the evaluation loader of an ImageNet-style root (``root/train``, ``root/val``).
+
+    The calibration set follows the official rule: ``n_calib`` random train images drawn with ``seed``,
+    returned as one float32 tensor [n_calib, 3, H, W] (1024 at 224 px: 617 MB). The test loader streams
+    all of val, or a seeded class-stratified subset of ``n_test`` images, in batches of ``batch_size``.
+    ``num_workers`` defaults to :func:`default_workers`. Every check (folders, image counts, class folders
+    against the model's head, train and val with the same classes) runs before any image is decoded.
+    """
+    root = Path(root)
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root}: missing folder {root / sub} (expected an ImageNet root with train/ and val/)")
+    workers = default_workers() if num_workers is None else num_workers
+    calib_ds = imagefolder_dataset(root / "train", model, n_calib, seed=seed, sampling="random")
+    test_loader = imagefolder_loader(root / "val", model, n=n_test, batch_size=batch_size, num_workers=workers, seed=seed,
+                                     pin_memory=pin_memory)  # fmt: skip
+    check_classes(dataset_classes(calib_ds), model, root / "train")
+    check_classes(dataset_classes(test_loader), model, root / "val")
+    if dataset_classes(calib_ds) != dataset_classes(test_loader):
+        raise ValueError(f"{root}: train/ and val/ have different class folders")
+    calib_x = torch.cat([x for x, _ in DataLoader(calib_ds, batch_size=64, num_workers=workers)])
+    return calib_x, test_loader
+
+
 def calibration_images(
     root: str | Path, model: str | nn.Module, n: int = 1024, seed: int = 0, num_workers: int = 0, batch_size: int = 64
 ) -> torch.Tensor:
