@@ -13,6 +13,16 @@ Two ways to train the weights (``ReconConfig.rounding``):
 QDrop options, usable with either: ``act_drop_prob`` keeps each element of every quantized activation
 inside the unit FP with that probability (fresh mask each step), and ``input_mix`` does the same to the
 unit's input, mixing the quantized-model input with the FP-teacher input (``fp_inputs``).
+
+``act_scale_lr`` (off by default; I&S-ViT and RepQ-ViT keep activation scales fixed) also learns the
+step size of every uniform activation quantizer that is on inside the unit, LSQ-style, with its own
+Adam(act_scale_lr) and cosine schedule to 0 over ``iters``, jointly with the weights or AdaRound's
+alpha (QDrop ``qdrop/solver/recon.py``: ``scale_lr`` 4e-5; APHQ-ViT and FIMA-Q the same). Zero-points,
+weight scales and the non-uniform quantizers (log2, SULQ, twin-uniform, PTQ4ViT) stay fixed: the
+authors' code has only uniform quantizers and learns only their step size. After each step the step
+size is kept positive as QDrop's ``LSQFakeQuantize`` does (``|s|``, at least float32 eps). Gradient:
+:class:`isvit_viz.quant.uniform.UniformQuantizer.learn_scale`. BRECQ instead learns the step sizes in a
+separate pass after weight reconstruction, without LSQ's gradient scale (``act_scale_grad_scale=False``).
 """
 
 from __future__ import annotations
@@ -24,10 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..quant.adaround import adaround_layers, attach_adaround, beta_at, detach_adaround, harden_adaround, round_regularizer
-from ..quant.modules import QuantConv2d, QuantLinear, QuantModule, maybe_drop
+from ..quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule, maybe_drop
+from ..quant.uniform import UniformQuantizer
 from .cache import TensorCache
 
 ROUNDINGS = ("ste", "adaround")
+#: Smallest learned activation step size (QDrop's ``LSQFakeQuantize`` clamps to float32 eps).
+SCALE_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def _check_prob(name: str, p: float) -> None:
@@ -53,6 +66,10 @@ class ReconConfig:
         round_weight: weight of the rounding regulariser (0.01, BRECQ/QDrop).
         round_warmup: fraction of ``iters`` without regulariser (0.2, BRECQ/QDrop).
         round_beta: (start, end) of the regulariser exponent, annealed linearly after the warm-up.
+        act_scale_lr: ``None`` (default): activation scales stay fixed. A number: Adam learning rate of
+            the uniform activation quantizers' step sizes, cosine to 0 over ``iters`` (QDrop: 4e-5).
+        act_scale_grad_scale: with ``act_scale_lr``, multiply the step-size gradient by LSQ's
+            ``1 / sqrt(N * Qp)`` (QDrop, True) or not (BRECQ / APHQ-ViT, False).
     """
 
     iters: int = 1000
@@ -66,6 +83,8 @@ class ReconConfig:
     round_weight: float = 0.01
     round_warmup: float = 0.2
     round_beta: tuple[float, float] = (20.0, 2.0)
+    act_scale_lr: float | None = None
+    act_scale_grad_scale: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
@@ -87,6 +106,9 @@ class ReconConfig:
             raise ValueError(f"round_weight must be a finite number >= 0, got {self.round_weight!r}")
         if len(self.round_beta) != 2 or not all(b > 0 for b in self.round_beta):
             raise ValueError(f"round_beta must be two positive numbers (start, end), got {self.round_beta!r}")
+        lr_a = self.act_scale_lr
+        if lr_a is not None and (isinstance(lr_a, bool) or not isinstance(lr_a, (int, float)) or not 0 < lr_a < float("inf")):
+            raise ValueError(f"act_scale_lr must be None or a positive finite number, got {lr_a!r}")
 
 
 def trainable_parameters(unit: nn.Module) -> list[nn.Parameter]:
@@ -103,6 +125,31 @@ def trainable_parameters(unit: nn.Module) -> list[nn.Parameter]:
             params.append(table)
     seen: set[int] = set()
     return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
+
+
+def act_scale_quantizers(unit: nn.Module) -> list[UniformQuantizer]:
+    """The activation quantizers whose step size ``act_scale_lr`` learns, in module order.
+
+    Uniform quantizers of the unit's quant modules with activation quantization on: Linear/Conv inputs
+    and both matmul operands. Quantizers of switched-off modules take no part in the loss.
+    """
+    found: list[UniformQuantizer] = []
+    for mod in unit.modules():
+        if not (isinstance(mod, QuantModule) and mod.act_quant):
+            continue
+        if isinstance(mod, (QuantLinear, QuantConv2d)):
+            found.append(mod.input_quantizer)
+        elif isinstance(mod, QuantMatMul):
+            found += [mod.quantizer_a, mod.quantizer_b]
+    seen: set[int] = set()
+    return [q for q in found if isinstance(q, UniformQuantizer) and not (id(q) in seen or seen.add(id(q)))]
+
+
+def _keep_positive(scales: list[nn.Parameter]) -> None:
+    """QDrop's ``scale.abs_().clamp_(min=eps)`` on each learned step size."""
+    with torch.no_grad():
+        for s in scales:
+            s.abs_().clamp_(min=SCALE_EPS)
 
 
 def channels_last_output(unit: nn.Module) -> bool:
@@ -182,7 +229,10 @@ def reconstruct_unit(
         ``loss_first`` / ``loss_last`` (total loss of the first and last steps) and their parts
         ``rec_first`` / ``rec_last`` (reconstruction) and ``round_first`` / ``round_last`` (weighted
         AdaRound regulariser, 0 with STE or during the warm-up); with AdaRound also ``flip_frac``, the
-        share of weights rounded against round-to-nearest. ``requires_grad`` flags are restored.
+        share of weights rounded against round-to-nearest; with ``cfg.act_scale_lr`` also
+        ``act_scale_n`` (number of activation quantizers whose step size learned) and
+        ``act_scale_change`` (largest ``|s_new / s_old - 1|`` over their entries). ``requires_grad``
+        flags are restored; learned step sizes are buffers again afterwards (restored on an error).
     """
     if inputs.n < cfg.batch_size:
         raise ValueError(f"calibration set ({inputs.n} samples) is smaller than the batch size {cfg.batch_size}")
@@ -201,31 +251,67 @@ def reconstruct_unit(
     for m in q_modules:
         m.act_drop_prob = cfg.act_drop_prob
         m.matmul_dtype = mm_dtype
+    act_qs = act_scale_quantizers(unit) if cfg.act_scale_lr is not None else []
+    scale0 = [q.scale.detach().clone() for q in act_qs]
     out: dict[str, float] = {}
+    ok = False
     try:
-        if adaround:
-            alphas = attach_adaround(unit)
-            opt = torch.optim.Adam([a.alpha for a in alphas], lr=cfg.alpha_lr)
-            sched = None
-        else:
-            alphas = []
-            params = trainable_parameters(unit)
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=cfg.lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
-        out = _optimise(unit, inputs, targets, fp_inputs, cfg, device, generator, tokens_last, opt, sched, alphas, desc, progress)
+        alphas, opt, sched = _weight_optimiser(unit, cfg)
+        steps = [(opt, sched)]
+        scales = _scale_optimiser(act_qs, cfg, steps)
+        out = _optimise(
+            unit, inputs, targets, fp_inputs, cfg, device, generator, tokens_last, steps, scales, alphas, desc, progress
+        )
         if adaround:
             out["flip_frac"] = _flip_fraction(unit)
             harden_adaround(unit)
+        if cfg.act_scale_lr is not None:
+            out.update(act_scale_n=float(len(act_qs)), act_scale_change=_scale_change(act_qs, scale0))
+        ok = True
     finally:
         detach_adaround(unit)  # after an error: back to the untouched weights
+        for q, s0 in zip(act_qs, scale0):
+            q.learn_scale(False)
+            if not ok:  # after an error: back to the untouched step sizes
+                q.scale.copy_(s0)
         for p, rg in saved:
             p.requires_grad_(rg)
         for m in q_modules:
             m.act_drop_prob = 0.0
             m.matmul_dtype = None
     return out
+
+
+@torch.no_grad()
+def _scale_change(quantizers: list[UniformQuantizer], before: list[torch.Tensor]) -> float:
+    """Largest relative change ``|s / s0 - 1|`` over every entry of the quantizers' step sizes."""
+    return max((float((q.scale / s0 - 1).abs().max()) for q, s0 in zip(quantizers, before)), default=0.0)
+
+
+def _weight_optimiser(
+    unit: nn.Module, cfg: ReconConfig
+) -> tuple[list[nn.Module], torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """AdaRound alphas (attached here), and the optimiser and schedule of the weights or alphas."""
+    if cfg.rounding == "adaround":
+        alphas = attach_adaround(unit)
+        return alphas, torch.optim.Adam([a.alpha for a in alphas], lr=cfg.alpha_lr), None
+    params = trainable_parameters(unit)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    return [], opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
+
+
+def _scale_optimiser(quantizers: list[UniformQuantizer], cfg: ReconConfig, steps: list) -> list[nn.Parameter]:
+    """Turn the quantizers' step sizes into parameters; append their Adam + cosine schedule to ``steps``."""
+    for q in quantizers:
+        q.learn_scale(True, grad_scale=cfg.act_scale_grad_scale)
+    scales = [q.scale for q in quantizers]
+    if scales:
+        _keep_positive(scales)  # QDrop applies it before every forward, the first included
+        opt = torch.optim.Adam(scales, lr=cfg.act_scale_lr)
+        steps.append((opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)))
+    return scales
 
 
 def _optimise(
@@ -237,13 +323,17 @@ def _optimise(
     device: torch.device,
     generator: torch.Generator,
     tokens_last: bool,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    steps: list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]],
+    scales: list[nn.Parameter],
     alphas: list[nn.Module],
     desc: str,
     progress: bool,
 ) -> dict[str, float]:
-    """The step loop of :func:`reconstruct_unit`; returns the first/last loss components."""
+    """The step loop of :func:`reconstruct_unit`; returns the first/last loss components.
+
+    ``steps``: (optimiser, schedule or None) pairs, stepped in order (weights or alphas first, then the
+    activation step sizes ``scales``, kept positive after each step), as QDrop's loop.
+    """
     nan = float("nan")
     out = {"loss_first": nan, "loss_last": nan, "rec_first": nan, "rec_last": nan, "round_first": nan, "round_last": nan}
     with torch.enable_grad():
@@ -253,11 +343,14 @@ def _optimise(
             rec = recon_loss(unit(x), targets.gather(idx, device), tokens_last)
             rnd = _rounding_loss(alphas, cfg, it + 1)
             loss = rec if rnd is None else rec + rnd
-            opt.zero_grad(set_to_none=True)
+            for opt, _ in steps:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
+            for opt, sched in steps:
+                opt.step()
+                if sched is not None:
+                    sched.step()
+            _keep_positive(scales)
             if it in (0, cfg.iters - 1):
                 tag = "first" if it == 0 else "last"
                 out[f"loss_{tag}"], out[f"rec_{tag}"] = float(loss.detach()), float(rec.detach())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from .base import Quantizer
 from .ste import clamp_ste, inside_mask, rnd
@@ -97,19 +99,44 @@ class _UniformFakeQuant(torch.autograd.Function):
     Same values and gradient as ``(clamp_ste(round_ste(x/s) + z, 0, qmax) - z) * s``: the gradient
     passes where the rounded code lies in [0, qmax], edges included (:mod:`isvit_viz.quant.ste`).
     Keeps one bool mask instead of the autograd graph of six element-wise ops.
+
+    When ``scale`` requires a gradient (a learned step size, :meth:`UniformQuantizer.learn_scale`), it
+    is the one autograd gives that same expression (LSQ, Esser et al. 2020; QDrop's
+    ``fake_quantize_learnable_per_*_affine_training``)::
+
+        d x_hat / d s = round(x/s) - x/s   where the code is inside [0, qmax] (edges included)
+                      = -z                 below the range (code < 0)
+                      = qmax - z           above the range (code > qmax)
+
+    summed over the elements each scale entry covers and multiplied by ``grad_factor`` (LSQ's gradient
+    scale; QDrop's ``grad_scale``, whose value is ``s`` up to one float rounding, is applied exactly here).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int, grad_factor: float = 1.0
+    ) -> torch.Tensor:
         code = torch.round(x / scale).add_(zero_point)
         mask = inside_mask(code, 0, qmax)
-        ctx.save_for_backward(mask)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(mask, x, scale, zero_point)
+            ctx.qmax, ctx.grad_factor = qmax, grad_factor
+        else:
+            ctx.save_for_backward(mask)
         return code.clamp_(0, qmax).sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None
+        mask = ctx.saved_tensors[0]
+        grad_x = grad * mask if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            _, x, scale, zp = ctx.saved_tensors
+            v = x / scale
+            q = torch.round(v).add_(zp).clamp_(0, ctx.qmax).sub_(zp)  # x_hat / s
+            ds = torch.where(mask, q - v, q)
+            grad_s = (grad * ds).sum_to_size(scale.shape) * ctx.grad_factor
+        return grad_x, grad_s, None, None, None
 
 
 class UniformQuantizer(Quantizer):
@@ -149,6 +176,7 @@ class UniformQuantizer(Quantizer):
         self.percentiles = tuple(float(p) for p in pcts)
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
+        self.scale_grad_scale = True  # LSQ gradient scale, used only while learn_scale() is on
 
     @property
     def qmax(self) -> int:
@@ -159,6 +187,7 @@ class UniformQuantizer(Quantizer):
         return self.scale.dim() > 0 and self.scale.numel() > 1 or self.channel_axis is not None
 
     def _calibrate(self, x: torch.Tensor) -> None:
+        self._check_scale_fixed()
         pcts = (1.0,) if self.init == "minmax" else self.percentiles
         if self.channel_axis is None:
             s, z = percentile_mse_search(x.reshape(1, -1), self.bits, pcts, self.symmetric)
@@ -175,16 +204,60 @@ class UniformQuantizer(Quantizer):
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor, channel_axis: int | None = None) -> None:
         """Set (scale, zero-point) directly, e.g. after the channel-wise -> layer-wise transition."""
+        self._check_scale_fixed()
         self.channel_axis = channel_axis
         self.scale = scale.detach().clone().to(self.initialized.device, torch.float32)
         self.zero_point = zero_point.detach().clone().to(self.initialized.device, torch.float32)
         self.initialized.fill_(True)
 
+    # ------------------------------------------------------------------ learned step size
+    @property
+    def learns_scale(self) -> bool:
+        """Whether ``scale`` is currently a trainable ``nn.Parameter`` (else a buffer, the default)."""
+        return "scale" in self._parameters
+
+    def learn_scale(self, enable: bool = True, grad_scale: bool = True) -> None:
+        """Make the step size a trainable parameter (``enable``) or a fixed buffer again (the default).
+
+        The value is kept bit for bit both ways and the ``state_dict`` key stays ``scale`` (at its
+        place among the buffers once fixed again), so saving and loading are unaffected. The
+        zero-point stays a fixed buffer (QDrop's ``LSQFakeQuantize``). ``grad_scale``: multiply the
+        step-size gradient by LSQ's ``1 / sqrt(N * Qp)`` (QDrop's default), with ``N`` the elements per
+        scale entry of the current input (batch included, as QDrop) and ``Qp`` the largest positive
+        code (``2^b - 1``, or ``2^(b-1) - 1`` when symmetric); ``False`` gives the plain straight-through
+        gradient (BRECQ, APHQ-ViT). See :class:`_UniformFakeQuant` for the gradient.
+        """
+        self.scale_grad_scale = bool(grad_scale)
+        if enable == self.learns_scale:
+            return
+        if enable:
+            self._scale_slot = list(self._buffers).index("scale")
+            value = self._buffers.pop("scale")
+            self.scale = nn.Parameter(value.detach().clone())
+            return
+        value = self._parameters.pop("scale").detach().clone()
+        items = list(self._buffers.items())
+        items.insert(getattr(self, "_scale_slot", len(items)), ("scale", value))
+        self._buffers.clear()
+        self._buffers.update(items)
+
+    def _check_scale_fixed(self) -> None:
+        if self.learns_scale:
+            raise RuntimeError("the step size is being learned: call learn_scale(False) before re-initialising it")
+
+    def _scale_grad_factor(self, x: torch.Tensor) -> float:
+        if not self.scale_grad_scale:
+            return 1.0
+        qp = 2 ** (self.bits - 1) - 1 if self.symmetric else self.qmax
+        return 1.0 / math.sqrt(x.numel() / self.scale.numel() * qp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrate_on_next_forward or not torch.is_grad_enabled() or not x.requires_grad:
+        learn = self.learns_scale
+        if self.calibrate_on_next_forward or not torch.is_grad_enabled() or not (x.requires_grad or learn):
             return super().forward(x)
         self._check_ready()
-        return _UniformFakeQuant.apply(x, self.scale, self.zero_point, self.qmax)
+        factor = self._scale_grad_factor(x) if learn else 1.0
+        return _UniformFakeQuant.apply(x, self.scale, self.zero_point, self.qmax, factor)
 
     def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
         return clamp_ste(rnd(x / self.scale, ste) + self.zero_point, 0, self.qmax)
