@@ -1,4 +1,4 @@
-"""Command line: ``isvit-viz demo | evaluate | quantize | reproduce | bench``.
+"""Command line: ``isvit-viz demo | evaluate | quantize | reproduce | sweep | methods``.
 
 Errors in user input print one line on stderr and exit with status 2 (``--debug`` shows the traceback).
 """
@@ -298,6 +298,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print every setting of one or all registered methods with its source (a markdown table each)."""
+    from .calib.methods import METHODS
+    from .calib.provenance import describe_markdown
+
+    names = [args.name] if args.name else list(METHODS)
+    print("\n".join(describe_markdown(n) for n in names), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .calib.methods import METHODS
     from .models import available_models
@@ -378,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a model x method x bits x seed grid as Ray tasks (resumable), or report it")
     add_sweep_arguments(sw)
     sw.set_defaults(func=cmd_sweep)
+
+    me = sub.add_parser("methods", help="print each registered method's settings with their sources (markdown)")
+    me.add_argument("name", nargs="?", choices=sorted(METHODS), help="one method (default: all)")
+    me.set_defaults(func=cmd_methods)
     return p
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import isvit_viz as iv
-import isvit_viz.calib.pipeline as pipeline
+import isvit_viz.calib.engine as engine  # the stage engine calls reconstruct_unit
 from isvit_viz.models import build_from_spec
 
 
@@ -25,7 +25,7 @@ def _run(images, **kw):
 @pytest.mark.parametrize("interrupt_at", [3, 11])  # inside stage 1, inside stage 3
 def test_interrupt_and_resume_gives_identical_model(images, tmp_path, monkeypatch, interrupt_at):
     ref = _run(images)
-    real = pipeline.reconstruct_unit
+    real = engine.reconstruct_unit
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -34,11 +34,11 @@ def test_interrupt_and_resume_gives_identical_model(images, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "reconstruct_unit", flaky)
+    monkeypatch.setattr(engine, "reconstruct_unit", flaky)
     with pytest.raises(KeyboardInterrupt):
         _run(images, checkpoint_dir=tmp_path)
     assert (tmp_path / "progress.pt").exists() and not (tmp_path / "COMPLETE").exists()
-    monkeypatch.setattr(pipeline, "reconstruct_unit", real)
+    monkeypatch.setattr(engine, "reconstruct_unit", real)
     resumed = _run(images, checkpoint_dir=tmp_path)
     assert (tmp_path / "COMPLETE").exists()
     with torch.no_grad():

@@ -1,15 +1,32 @@
-"""Calibration: quantizer initialisation, reparameterization, reconstruction and the PTQ methods."""
+"""Calibration: quantizer initialisation, reparameterization, reconstruction and the PTQ methods.
 
-from .methods import METHODS, MethodSpec, resolve_method
+A PTQ method is data: a :class:`Method` (quantizer placement + an ordered tuple of stages:
+:class:`Calibrate`, :class:`Reconstruct`, :class:`Reparameterize`, :class:`Requantize`) that
+:func:`quantize` runs with one engine. :data:`METHODS` holds the registered ones and :func:`describe`
+lists every setting of a method with its source.
+"""
+
+from .methods import METHODS, Method, resolve_method
 from .pipeline import QuantResult, quantize, reconstruction_units
+from .provenance import Source, describe, describe_markdown
 from .recon import ReconConfig, reconstruct_unit
 from .reparam import fold_channel_scales, reparameterize
+from .stages import Calibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage
 
 __all__ = [
     "METHODS",
-    "MethodSpec",
+    "Calibrate",
+    "Method",
+    "Mix",
     "QuantResult",
     "ReconConfig",
+    "Reconstruct",
+    "Reparameterize",
+    "Requantize",
+    "Source",
+    "Stage",
+    "describe",
+    "describe_markdown",
     "fold_channel_scales",
     "quantize",
     "reconstruct_unit",

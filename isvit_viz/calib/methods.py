@@ -1,123 +1,216 @@
-"""The PTQ methods: I&S-ViT (paper-faithful and official-code-faithful) and the paper's baselines.
+"""The PTQ methods as data: I&S-ViT (paper-faithful and official-code-faithful) and the paper's baselines.
 
-A method is data: a :class:`MethodSpec` says which quantizers to place and which calibration /
-reconstruction schedule to run; :func:`isvit_viz.calib.pipeline.quantize` executes it.
+A :class:`Method` is a quantizer placement plus an ordered tuple of stages
+(:mod:`isvit_viz.calib.stages`); :func:`isvit_viz.calib.quantize` runs any of them with one engine.
+Every registered method records where each of its settings comes from (``provenance``, printed by
+:func:`isvit_viz.calib.describe` and ``isvit-viz methods``). Compose your own::
+
+    from isvit_viz.calib import Calibrate, Method, Reconstruct, Requantize, quantize
+    mine = Method(name="fp-recon", stages=(Calibrate(), Reconstruct(name="fit", inputs="fp", weights="fp"), Requantize()))
+    result = quantize(model, mine, 4, 4, calib_images)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .provenance import PROVENANCE, Source, ablation_no_sos, ablation_softmax
+from .stages import Calibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, check_stages
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """How one PTQ method quantizes a model.
+#: Method fields that place quantizers (passed to :class:`isvit_viz.quant.config.QuantConfig`).
+PLACEMENT_FIELDS = (
+    "softmax", "softmax_kwargs", "post_ln", "post_gelu", "weight_granularity", "act_init", "weight_init",
+    "input_bits", "reduction_post_ln", "weight_percentiles",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """How one PTQ method quantizes a model: quantizer placement + stages.
 
     Attributes:
-        softmax / softmax_kwargs: post-softmax quantizer.
-        post_ln: ``"channel"`` calibrates qkv/fc1 inputs per channel (then ``reparam`` folds them),
-            ``"layer"`` uses per-tensor quantizers throughout.
-        post_gelu, weight_granularity, act_init, weight_init: see :class:`QuantConfig`.
-        schedule: ``"sos"`` (I&S-ViT: stage 1 FP weights + FP-teacher inputs, stage 2 reparam, stage 3
-            quantized weights + quantized-model inputs), ``"single"`` (one reconstruction with
-            quantized weights and quantized-model inputs, BRECQ/QDrop style), or ``"none"``
-            (calibration only).
-        reparam: fold channel-wise post-LN scales (stage 2 / RepQ-ViT).
-        round_zero_point: integer layer-wise zero-point after reparam (exact); the official code
-            keeps the fractional mean.
-        init_images: images used to initialise quantizers (official: the first 64); ``None`` = up to 256.
-        act_drop_prob: QDrop's probability of dropping activation quantization during reconstruction.
-        default_iters: iterations per unit and stage when the caller passes ``iters=None``.
+        name: recorded as ``config["method"]`` and in progress bars.
+        stages: the steps, run in order (checked on construction: ``ValueError`` naming the stage).
+        softmax ... weight_percentiles: quantizer placement, see :class:`~isvit_viz.quant.config.QuantConfig`.
+        description: one line for tables.
+        provenance: setting key (``"post_ln"``, ``"<stage name>.<field>"``, ``"stages"``) -> where the
+            value comes from (a :class:`~isvit_viz.calib.provenance.Source` or a string).
     """
 
+    name: str
+    stages: tuple[Stage, ...]
     softmax: str = "sulq"
-    softmax_kwargs: dict[str, Any] = field(default_factory=dict)
+    softmax_kwargs: Mapping[str, Any] = field(default_factory=dict)
     post_ln: str = "channel"
     post_gelu: str = "uniform"
     weight_granularity: str = "channel"
     act_init: str = "percentile_mse"
     weight_init: str = "percentile_mse"
-    schedule: str = "sos"
-    reparam: bool = True
-    round_zero_point: bool = True
-    init_images: int | None = None
-    act_drop_prob: float = 0.0
-    default_iters: int = 1000
+    input_bits: int | None = None
+    reduction_post_ln: str = "layer"
+    weight_percentiles: tuple[float, ...] | None = None
     description: str = ""
+    provenance: Mapping[str, Source] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Method.name must be a non-empty string, got {self.name!r}")
+        self.quant_config(4, 4)  # placement values: QuantConfig's ValueError names the field
+        channel = "channel" in (self.post_ln, self.reduction_post_ln)
+        object.__setattr__(self, "stages", check_stages(self.stages, channel))
+        object.__setattr__(self, "softmax_kwargs", dict(self.softmax_kwargs))
+        prov = {k: v if isinstance(v, Source) else Source(str(v)) for k, v in dict(self.provenance).items()}
+        object.__setattr__(self, "provenance", prov)
+
+    def quant_config(self, w_bits: int, a_bits: int) -> Any:
+        """The :class:`~isvit_viz.quant.config.QuantConfig` of this placement at the given bit-widths."""
+        from ..quant.config import QuantConfig
+
+        kw = {f: getattr(self, f) for f in PLACEMENT_FIELDS}
+        return QuantConfig(w_bits=w_bits, a_bits=a_bits, **{**kw, "softmax_kwargs": dict(self.softmax_kwargs)})
+
+    def settings(self) -> list[tuple[str, Any]]:
+        """``(key, value)`` for every setting: the stage order, the placement, every stage field."""
+        out: list[tuple[str, Any]] = [("stages", " -> ".join(f"{type(s).__name__}({s.name})" for s in self.stages))]
+        out += [(f, getattr(self, f)) for f in PLACEMENT_FIELDS]
+        for s in self.stages:
+            out += [(f"{s.name}.{k}", v) for k, v in s.settings().items()]
+        return out
+
+    @property
+    def init_images(self) -> int | None:
+        """Images the first :class:`Calibrate` stage initialises quantizers on (``None``: all)."""
+        return next((s.images for s in self.stages if isinstance(s, Calibrate)), None)
+
+    @property
+    def schedule(self) -> str:
+        """Label recorded in ``config["schedule"]``: ``"sos"``, ``"single"``, ``"none"`` or ``"custom"``."""
+        kinds = [type(s) for s in self.stages]
+        if Reconstruct not in kinds:
+            return "none"
+        if kinds == [Calibrate, Reconstruct]:
+            return "single"
+        return "sos" if _is_sos(self) else "custom"
 
 
-METHODS: dict[str, MethodSpec] = {
-    "isvit": MethodSpec(
+def _is_sos(m: Method) -> bool:
+    """I&S-ViT's shape: calibrate, FP-input/FP-weight reconstruction, reparam, requantize, quantized reconstruction."""
+    kinds = [type(s) for s in m.stages]
+    if kinds != [Calibrate, Reconstruct, Reparameterize, Requantize, Reconstruct]:
+        return False
+    s1, s3 = m.stages[1], m.stages[4]
+    return (s1.inputs, s1.weights, s3.inputs, s3.weights) == ("fp", "fp", "quantized", "quantized")
+
+
+def _sos_stages(zero_point: str, images: int) -> tuple[Stage, ...]:
+    """SOS (paper §4.3, official ``test_quant.py``): stage 1, stage 2 (fold + weight init), stage 3."""
+    return (
+        Calibrate(images=images),
+        Reconstruct(name="stage1", inputs="fp", weights="fp"),
+        Reparameterize(name="stage2", event=None, zero_point=zero_point),
+        Requantize(name="stage2"),
+        Reconstruct(name="stage3", inputs="quantized", weights="quantized"),
+    )
+
+
+def _calibration_only(images: int, reparam: str | None) -> tuple[Stage, ...]:
+    """Calibrate activations, then (optionally fold and) calibrate weights: one step named ``weights``."""
+    fold = (Reparameterize(name="weights", event=None, zero_point=reparam),) if reparam else ()
+    return (Calibrate(images=images), *fold, Requantize(name="weights", event=None))
+
+
+def _registered(name: str, **kw: Any) -> Method:
+    return Method(name=name, provenance=PROVENANCE[name], **kw)
+
+
+METHODS: dict[str, Method] = {
+    "isvit": _registered(
+        "isvit",
+        stages=_sos_stages("round", 256),
         softmax="sulq",
         softmax_kwargs={"mode": "paper"},
         description="I&S-ViT as the paper describes it: paper-mode SULQ + SOS (3 stages) with block reconstruction",
     ),
-    "isvit-official": MethodSpec(
+    "isvit-official": _registered(
+        "isvit-official",
+        stages=_sos_stages("mean", 64),
         softmax="sulq",
         softmax_kwargs={"mode": "official"},
-        round_zero_point=False,
-        init_images=64,
         description="I&S-ViT as the released code runs it: official-mode SULQ, init on 64 images, fractional zero-point",
     ),
-    "repq-vit": MethodSpec(
+    "repq-vit": _registered(
+        "repq-vit",
+        stages=_calibration_only(64, reparam="mean"),
         softmax="logsqrt2",
-        schedule="none",
-        round_zero_point=False,
-        init_images=64,
         description="RepQ-ViT: channel-wise post-LN calibration + reparameterization, log-sqrt2 softmax, no reconstruction",
     ),
-    "ptq4vit": MethodSpec(
+    "ptq4vit": _registered(
+        "ptq4vit",
+        stages=_calibration_only(64, reparam=None),
         softmax="twin_uniform",
         post_ln="layer",
         post_gelu="twin_uniform",
-        schedule="none",
-        reparam=False,
-        init_images=64,
         description="PTQ4ViT: twin-uniform softmax and GELU quantizers (MSE search), calibration only",
     ),
-    "qdrop": MethodSpec(
+    "qdrop": _registered(
+        "qdrop",
+        stages=(
+            Calibrate(weights_first=True, images=256),
+            Reconstruct(name="reconstruct", event="reconstructed", inputs="quantized", weights="quantized", act_drop_prob=0.5),
+        ),
         softmax="uniform",
         post_ln="layer",
-        schedule="single",
-        reparam=False,
-        act_drop_prob=0.5,
         description="QDrop-style: block reconstruction with quantized weights from the start, "
         "layer-wise post-LN, activation-quantization dropping (p=0.5); weights trained through STE, no AdaRound",
     ),
-    "minmax": MethodSpec(
+    "minmax": _registered(
+        "minmax",
+        stages=_calibration_only(64, reparam=None),
         softmax="uniform",
         post_ln="layer",
         weight_granularity="tensor",
         act_init="minmax",
         weight_init="minmax",
-        schedule="none",
-        reparam=False,
-        init_images=64,
         description="plain per-tensor min/max uniform quantization of every tensor",
     ),
 }
 
 
-def resolve_method(method: str, softmax_quantizer: str | None = None, sos: bool = True) -> MethodSpec:
-    """Look up a method and apply the ablation switches.
+def _without_sos(m: Method) -> Method:
+    """Paper Table 3 "without SOS": one reconstruction with quantized weights and layer-wise post-LN."""
+    cal, s3 = m.stages[0], m.stages[4]
+    stages = (replace(cal, weights_first=True), replace(s3, name="reconstruct", event="reconstructed"))
+    return replace(m, post_ln="layer", stages=stages, provenance=ablation_no_sos(m.provenance, s3.name))
+
+
+def resolve_method(method: str | Method, softmax_quantizer: str | None = None, sos: bool = True) -> Method:
+    """Look up a registered method (or take a :class:`Method`) and apply the ablation switches.
 
     ``softmax_quantizer`` replaces the post-softmax quantizer (paper Table 4); ``sos=False`` turns
     I&S-ViT's three stages into one reconstruction with quantized weights and layer-wise post-LN
-    activations (paper Table 3, "without SOS").
+    activations (paper Table 3, "without SOS"). The provenance records the switch.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {sorted(METHODS)}")
-    spec = METHODS[method]
+    if isinstance(method, Method):
+        m = method
+    elif isinstance(method, str) and method in METHODS:
+        m = METHODS[method]
+    else:
+        raise ValueError(f"unknown method {method!r}; valid methods: {sorted(METHODS)} or an isvit_viz.calib.Method")
     if softmax_quantizer is not None:
         from ..quant.config import SOFTMAX_QUANTIZERS
 
         if softmax_quantizer not in SOFTMAX_QUANTIZERS:
             raise ValueError(f"unknown softmax_quantizer {softmax_quantizer!r}; valid: {list(SOFTMAX_QUANTIZERS)}")
-        kw = spec.softmax_kwargs if softmax_quantizer == spec.softmax else {}
-        spec = replace(spec, softmax=softmax_quantizer, softmax_kwargs=kw)
+        kw = m.softmax_kwargs if softmax_quantizer == m.softmax else {}
+        prov = ablation_softmax(m.provenance, softmax_quantizer, kept_kwargs=bool(kw))
+        m = replace(m, softmax=softmax_quantizer, softmax_kwargs=kw, provenance=prov)
     if not sos:
-        if spec.schedule != "sos":
-            raise ValueError(f"sos=False only applies to the I&S-ViT methods, not {method!r}")
-        spec = replace(spec, schedule="single", post_ln="layer", reparam=False)
-    return spec
+        if not _is_sos(m):
+            raise ValueError(f"sos=False only applies to the I&S-ViT methods, not {m.name!r}")
+        m = _without_sos(m)
+    return m
+
+
+__all__ = ["METHODS", "Method", "Mix", "PLACEMENT_FIELDS", "resolve_method"]

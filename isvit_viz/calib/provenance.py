@@ -1,0 +1,265 @@
+"""Where every setting of every registered method comes from, and :func:`describe` to print it.
+
+A :class:`Source` is one line: the paper section / equation, the authors' code file, or "our choice,
+because ...". ``deviation=True`` marks a setting that departs from what the method's name promises
+(the I&S-ViT paper for ``isvit``, the released code for ``isvit-official``, the authors' paper or code
+for a baseline). References: ``method.md`` is the I&S-ViT spec (paper "§", official code zysxmu/IaS-ViT);
+RepQ-ViT: Li et al. ICCV 2023, code zkkli/RepQ-ViT; PTQ4ViT: Yuan et al. ECCV 2022, code
+hahnyuan/PTQ4ViT; QDrop: Wei et al. ICLR 2022, code wimh966/QDrop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .methods import Method
+
+
+@dataclass(frozen=True)
+class Source:
+    """Provenance of one setting: ``text`` (paper / code / our choice and why) and ``deviation``."""
+
+    text: str
+    deviation: bool = False
+
+
+def _ours(why: str) -> Source:
+    return Source(f"our choice, because {why}")
+
+
+def _dev(text: str) -> Source:
+    return Source(text, deviation=True)
+
+
+# ------------------------------------------------------------------------------------ run settings
+# Reconstruction fields left None take the quantize() arguments; the sources say what those default to.
+_RUN_ITERS = "run setting quantize(iters=None): 1000, 200 at >= 6-bit activations (I&S-ViT paper §5.1; official --iter, per unit and stage)"
+_RUN_BATCH = "run setting quantize(batch_size=64): I&S-ViT paper §5.1 and official code (batch 64)"
+_RUN_LR = "run setting quantize(lr=4e-5): Adam, cosine to 0 (I&S-ViT paper §5.1; official block_reconstruction default)"
+_STE = "official code quant/block_recon.py: latent weights trained through round_ste, no AdaRound (method.md §2.2)"
+_MSE = "I&S-ViT paper Eq. 12; official code lp_loss: squared error summed over dim 1, mean over the rest (method.md §2.2)"
+_NO_DROP = "official code: no QDrop-style dropping (method.md §2.2)"
+_FROZEN_SCALES = "official code: quantizer parameters frozen during reconstruction (method.md §2.2)"
+
+
+def _isvit_recon(stage: str, inputs: Source, weights: Source) -> dict[str, Source]:
+    return {
+        f"{stage}.inputs": inputs, f"{stage}.weights": weights, f"{stage}.rounding": Source(_STE),
+        f"{stage}.loss": Source(_MSE), f"{stage}.iters": Source(_RUN_ITERS), f"{stage}.batch_size": Source(_RUN_BATCH),
+        f"{stage}.lr": Source(_RUN_LR), f"{stage}.act_drop_prob": Source(_NO_DROP),
+        f"{stage}.act_scale_lr": Source(_FROZEN_SCALES),
+    }  # fmt: skip
+
+
+def _isvit(softmax_kwargs: Source, images: Source, zero_point: Source) -> dict[str, Source]:
+    fp_in = "official code quant/data_utils.py GetLayerInpOut_T: FP-teacher inputs (paper: unstated, method.md §5.8)"
+    q_in = "official code quant/data_utils.py GetLayerInpOut on the quantized model: sequential (method.md §2.5, §5.8)"
+    return {
+        "stages": Source("I&S-ViT paper §4.3 (SOS: three stages); official code test_quant.py::main"),
+        "softmax": Source("I&S-ViT paper §4.2 Eq. 13-14 (SULQ); official code quant/quantizer.py LogSqrt2Quantizer"),
+        "softmax_kwargs": softmax_kwargs,
+        "post_ln": Source("I&S-ViT paper §4.3 (stage one: channel-wise post-LN); official quant/quant_model.py (qkv/fc1 inputs)"),
+        "post_gelu": Source("official code quant/quant_model.py: plain uniform fc2 input (paper §5.1: activations layer-wise)"),
+        "weight_granularity": Source("I&S-ViT paper §5.1 (channel-wise weights); official code with --w_cw (README example)"),
+        "act_init": Source("official code UniformQuantizer.init_quantization_scale: percentiles {0.999, 0.9999, 0.99999} by MSE"),
+        "weight_init": Source("official code UniformQuantizer.init_quantization_scale: 9 weight percentiles by MSE"),
+        "input_bits": Source("official code QuantConv2d: the input image stays FP (method.md §2.1)"),
+        "reduction_post_ln": Source("official code: Swin PatchMerging reduction input per tensor, not folded (method.md §2.1, §4.5)"),
+        "weight_percentiles": Source("official code quant/quantizer.py: the 9 weight percentiles 0.97 ... 0.99999"),
+        "calibrate.weights_first": Source("I&S-ViT paper §4.3 (stage one: FP weights); official test_quant.py: "
+                                          "set_quant_state(input_quant=True, weight_quant=False) before the init forward"),
+        "calibrate.images": images,
+        **_isvit_recon("stage1", Source(fp_in), Source("I&S-ViT paper §4.3 (stage one: full-precision weights)")),
+        "stage2.zero_point": zero_point,
+        **_isvit_recon("stage3", Source(q_in), Source("I&S-ViT paper §4.3 (stage three: quantized weights)")),
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ baselines
+def _calibration_only(stages: Source, images: Source, weights_first: Source) -> dict[str, Source]:
+    return {"stages": stages, "calibrate.weights_first": weights_first, "calibrate.images": images}
+
+
+_OUR_PCT = _ours("it is I&S-ViT's official 9-value weight percentile list, shared by every baseline here")
+
+_REPQ = {
+    **_calibration_only(
+        Source("RepQ-ViT code test_quant.py: calibrate, reparameterize, re-initialise weight quantizers; no reconstruction"),
+        _dev("I&S-ViT's official init count (64); RepQ-ViT code calibrates on one batch of 32 images"),
+        _dev("RepQ-ViT calibrates activations with quantized weights (weights, then one forward with both on); here FP weights"),
+    ),
+    "softmax": Source("RepQ-ViT paper §3.3: log-sqrt2 quantizer for post-softmax activations"),
+    "softmax_kwargs": _dev("LogSqrt2Quantizer defaults (include_max=True); RepQ-ViT's code never selects max (include_max=False)"),
+    "post_ln": Source("RepQ-ViT paper §3.2: channel-wise post-LayerNorm quantizers, then scale reparameterization"),
+    "post_gelu": Source("RepQ-ViT code: uniform quantizer for the other activations"),
+    "weight_granularity": Source("RepQ-ViT code test_quant.py: channel-wise weights"),
+    "act_init": Source("RepQ-ViT code quant/quantizer.py: percentiles {0.999, 0.9999, 0.99999} by MSE"),
+    "weight_init": Source("RepQ-ViT code quant/quantizer.py: percentile search by MSE"),
+    "input_bits": _dev("image kept FP as I&S-ViT; RepQ-ViT quantizes the input image to 8 bits (method.md §2.1)"),
+    "reduction_post_ln": _dev("per tensor as I&S-ViT; RepQ-ViT makes Swin reduction inputs channel-wise and folds them (method.md §4.5)"),
+    "weight_percentiles": _dev("I&S-ViT's 9 weight percentiles; RepQ-ViT searches weights over the 3 activation percentiles (method.md §2.1)"),
+    "weights.zero_point": Source("RepQ-ViT code test_quant.py: fractional mean zero-point after folding"),
+}  # fmt: skip
+
+_PTQ4VIT = {
+    **_calibration_only(
+        Source("PTQ4ViT paper §3: calibration only, no reconstruction (activations, then weights: our order)"),
+        _dev("I&S-ViT's official init count (64); PTQ4ViT's code calibrates on 32 images (calib_size=32)"),
+        _ours("calibration-only methods here calibrate activations with FP weights, then weights"),
+    ),
+    "softmax": Source("PTQ4ViT paper §3.2: twin uniform quantizer for post-softmax activations"),
+    "softmax_kwargs": _dev("TwinUniformQuantizer defaults, searched by MSE; PTQ4ViT searches with its Hessian-guided metric (paper §3.3)"),
+    "post_ln": Source("PTQ4ViT: per-tensor activation quantizers (no post-LN special case)"),
+    "post_gelu": Source("PTQ4ViT paper §3.2: twin uniform quantizer for post-GELU activations"),
+    "weight_granularity": _dev("channel-wise as I&S-ViT; PTQ4ViT's code uses one weight step per tensor (qkv: per q/k/v block)"),
+    "act_init": _dev("percentile-MSE; PTQ4ViT searches activation scales with the Hessian-guided metric (paper §3.3)"),
+    "weight_init": _dev("percentile-MSE; PTQ4ViT searches weight scales with the Hessian-guided metric (paper §3.3)"),
+    "input_bits": Source("PTQ4ViT code: the patch-embedding input image stays FP"),
+    "reduction_post_ln": Source("PTQ4ViT: per-tensor activation quantizers"),
+    "weight_percentiles": _OUR_PCT,
+}  # fmt: skip
+
+_QDROP = {
+    "stages": Source("QDrop paper §3 / BRECQ: calibrate, then one block-wise reconstruction with quantized weights"),
+    "softmax": Source("QDrop: uniform quantizers everywhere (a CNN method; sota-2025.md §3)"),
+    "softmax_kwargs": Source("UniformQuantizer defaults"),
+    "post_ln": Source("QDrop: per-tensor activation quantizers"),
+    "post_gelu": Source("QDrop: uniform activation quantizers"),
+    "weight_granularity": Source("QDrop code: channel-wise weights"),
+    "act_init": Source("QDrop code: activation scales initialised by an error-minimising search before reconstruction"),
+    "weight_init": _ours("QDrop's MSE-searched weight scales are closest to the percentile-MSE search used here"),
+    "input_bits": _dev("image kept FP as I&S-ViT; QDrop keeps the first and last layers at 8 bits (sota-2025.md §3)"),
+    "reduction_post_ln": Source("QDrop: per-tensor activation quantizers"),
+    "weight_percentiles": _OUR_PCT,
+    "calibrate.weights_first": Source("BRECQ/QDrop: weight quantizers initialised before the activation calibration"),
+    "calibrate.images": _ours("it matches isvit's init count; QDrop initialises on its 1024 calibration images"),
+    "reconstruct.inputs": _dev("quantized-model inputs; QDrop mixes FP and quantized unit inputs with p = 0.5 (Mix(0.5))"),
+    "reconstruct.weights": Source("QDrop/BRECQ: quantized weights during reconstruction"),
+    "reconstruct.rounding": _dev("weights trained through STE; QDrop learns AdaRound rounding (sota-2025.md §2-3)"),
+    "reconstruct.loss": Source("QDrop: block-wise MSE (BRECQ's Fisher weighting is optional)"),
+    "reconstruct.iters": _dev(_RUN_ITERS + "; QDrop: 20,000 iterations per block"),
+    "reconstruct.batch_size": _dev(_RUN_BATCH + "; QDrop: batch 32"),
+    "reconstruct.lr": Source(_RUN_LR + " (for the STE weights; QDrop's AdaRound lr 1e-3 does not apply)"),
+    "reconstruct.act_drop_prob": Source("QDrop paper §3: drop probability p = 0.5, fresh mask every step"),
+    "reconstruct.act_scale_lr": _dev("activation step sizes fixed; QDrop learns them (LSQ, Adam 4e-5; sota-2025.md §2-3)"),
+}  # fmt: skip
+
+_MINMAX_WHY = "min/max per tensor is the textbook baseline every method here should beat"
+_MINMAX = {
+    **_calibration_only(_ours(_MINMAX_WHY), _ours("it is I&S-ViT's official init count (64)"),
+                        _ours("calibration-only methods here calibrate activations with FP weights, then weights")),  # fmt: skip
+    **{k: _ours(_MINMAX_WHY) for k in ("softmax", "post_ln", "post_gelu", "weight_granularity", "act_init", "weight_init")},
+    "softmax_kwargs": Source("UniformQuantizer defaults"),
+    "input_bits": _ours("the image stays FP, as in I&S-ViT"),
+    "reduction_post_ln": _ours(_MINMAX_WHY),
+    "weight_percentiles": Source("unused: min/max initialisation has no percentile search"),
+}  # fmt: skip
+
+#: Registered method name -> setting key -> source.
+PROVENANCE: dict[str, dict[str, Source]] = {
+    "isvit": _isvit(
+        softmax_kwargs=_dev(
+            "I&S-ViT paper Eq. 13-14 (mode 'paper': 2^b codes, rounded zero-point); the eta grid 1e-6 ... 1 "
+            "(PAPER_ETA_GRID, 17 values) is our choice, because the paper's worked example (2.38e-5 -> 6.00e-5) "
+            "needs eta ~ 1e-6, below the official grid 1e-3 ... 1 (paper: candidates unstated; method.md §5.3-5.4)"
+        ),
+        images=_dev(
+            "our choice (made when the package was written; no measurement recorded), because it gives the percentile "
+            "searches 4x the official 64 images at a quarter of the paper's 1024 in memory (README: about 6 GB host memory "
+            "for DeiT-B at 256); paper §5.1: 1024 calibration images, official code: calib_data[:64]"
+        ),
+        zero_point=_dev(
+            "our choice, because an integer mean zero-point keeps the channel -> layer transition exact in the "
+            "quantized domain (method.md §2.4); paper Eq. 15 and the official code use the fractional mean"
+        ),
+    ),  # fmt: skip
+    "isvit-official": _isvit(
+        softmax_kwargs=Source(
+            "official code quant/quantizer.py LogSqrt2Quantizer (mode 'official'): 2^b+1 codes, "
+            "exact-minv offset, 11-value eta grid 1e-3 ... 1 (method.md §1.4)"
+        ),
+        images=Source("official code test_quant.py: quantizers initialised on calib_data[:64]"),
+        zero_point=Source("I&S-ViT paper Eq. 15 (z~ = mean z) and official code test_quant.py 'Stage Two': fractional mean"),
+    ),  # fmt: skip
+    "repq-vit": _REPQ,
+    "ptq4vit": _PTQ4VIT,
+    "qdrop": _QDROP,
+    "minmax": _MINMAX,
+}
+
+
+# ------------------------------------------------------------------------------------ ablations
+def ablation_softmax(prov: Mapping[str, Source], quantizer: str, kept_kwargs: bool) -> dict[str, Source]:
+    """Provenance after ``softmax_quantizer=quantizer`` (paper Table 4)."""
+    out = dict(prov)
+    out["softmax"] = Source(f"ablation softmax_quantizer={quantizer!r} (I&S-ViT paper Table 4)", deviation=True)
+    if not kept_kwargs:
+        out["softmax_kwargs"] = Source(
+            f"ablation softmax_quantizer={quantizer!r}: the quantizer's default options", deviation=True
+        )
+    return out
+
+
+def ablation_no_sos(prov: Mapping[str, Source], stage3: str) -> dict[str, Source]:
+    """Provenance after ``sos=False``: stage 3's settings become the single ``reconstruct`` stage's."""
+    out = {k: v for k, v in prov.items() if not k.startswith(("stage1.", "stage2.", "stage3."))}
+    why = "ablation sos=False (I&S-ViT paper Table 3 'without SOS'; our reading, method.md §5.15)"
+    out["stages"] = Source(f"{why}: one reconstruction with quantized weights", deviation=True)
+    out["post_ln"] = Source(f"{why}: layer-wise post-LN activations", deviation=True)
+    out["calibrate.weights_first"] = Source(f"{why}: weights calibrated first, as a single-stage BRECQ-style run", deviation=True)
+    for key, src in prov.items():
+        if key.startswith(f"{stage3}."):
+            out["reconstruct." + key.split(".", 1)[1]] = src
+    return out
+
+
+# ------------------------------------------------------------------------------------ describe
+def _value(v: Any) -> Any:
+    from .stages import Mix
+
+    return f"Mix({v.p})" if isinstance(v, Mix) else v
+
+
+def describe(method: str | Method) -> list[dict[str, Any]]:
+    """Every setting of a method with its value and source.
+
+    Args:
+        method: a registered name (``isvit``, ...) or a :class:`~isvit_viz.calib.Method`.
+
+    Returns:
+        One dict per setting, in order (``stages``, the placement, then each stage's fields):
+        ``setting`` (``"post_ln"``, ``"stage1.inputs"``...), ``value``, ``source`` (``None`` where the
+        method records none) and ``deviation`` (True where it departs from what the name promises).
+    """
+    from .methods import resolve_method
+
+    m = resolve_method(method)
+    rows = []
+    for key, val in m.settings():
+        src = m.provenance.get(key)
+        rows.append(
+            {"setting": key, "value": _value(val), "source": src.text if src else None, "deviation": bool(src and src.deviation)}
+        )
+    return rows
+
+
+def _cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def describe_markdown(method: str | Method) -> str:
+    """:func:`describe` as a markdown section: a heading, the description and a setting/value/source table."""
+    from .methods import resolve_method
+
+    m = resolve_method(method)
+    lines = [f"## {m.name}", "", m.description or "(no description)", "", "| setting | value | source |", "|---|---|---|"]
+    for row in describe(m):
+        src = row["source"] if row["source"] is not None else "(none recorded)"
+        if row["deviation"]:
+            src = f"**deviation**: {src}"
+        val = row["value"] if row["setting"] == "stages" else repr(row["value"])
+        lines.append(f"| {_cell(row['setting'])} | {_cell(val)} | {_cell(src)} |")
+    return "\n".join(lines) + "\n"

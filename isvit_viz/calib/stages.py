@@ -1,0 +1,246 @@
+"""The steps of a PTQ method, as frozen dataclasses: a method is an ordered tuple of stages (data).
+
+:class:`isvit_viz.calib.Method` pairs a quantizer placement with a tuple of these stages and
+:func:`isvit_viz.calib.quantize` runs them in order with one engine (:mod:`isvit_viz.calib.engine`).
+Every stage has a ``name`` (the key of its timing, of its per-unit losses and of its settings in
+:func:`isvit_viz.calib.describe`) and an ``event``: the name passed to ``callbacks`` after the stage
+(``""``: the stage name; ``None``: no callback). Consecutive stages may share a name; they then form
+one timed step (I&S-ViT's stage 2 is :class:`Reparameterize` + :class:`Requantize`).
+
+Stage fields are checked when the stages are put into a :class:`~isvit_viz.calib.Method`
+(:func:`check_stages`), so an error can name the stage's position and name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+#: Where the inputs of each reconstructed unit come from (:class:`Reconstruct`).
+INPUTS = ("fp", "quantized")
+#: Weight state of the model during a reconstruction.
+WEIGHTS = ("fp", "quantized")
+#: How weights are trained (``isvit_viz.calib.recon.ROUNDINGS``).
+ROUNDINGS = ("ste", "adaround")
+#: Reconstruction losses: ``"mse"`` is the official ``lp_loss`` (squared error summed over dim 1).
+LOSSES = ("mse",)
+#: Layer-wise zero-point after reparameterization: ``"round"`` (integer mean, exact) or ``"mean"``.
+ZERO_POINTS = ("round", "mean")
+
+
+@dataclass(frozen=True)
+class Mix:
+    """QDrop input mixing: each element of a unit's input is the FP teacher's with probability ``p``
+    (0 < p < 1) and the quantized model's otherwise (a fresh mask every step)."""
+
+    p: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """Base of every stage: ``name`` (timing / loss / settings key) and ``event`` (callback name)."""
+
+    name: str
+    event: str | None = ""
+
+    @property
+    def callback_event(self) -> str | None:
+        """The name passed to callbacks after this stage, or ``None`` for no callback."""
+        return self.name if self.event == "" else self.event
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that change the result (every field but ``name`` and ``event``), in order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "event")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibrate(Stage):
+    """Initialise the activation quantizers with one forward pass (quantizer percentile/MSE searches).
+
+    Attributes:
+        weights_first: calibrate the weight quantizers first and keep weight quantization on during
+            the activation pass (BRECQ/QDrop style); otherwise weights stay FP (I&S-ViT stage 1).
+        images: the first ``images`` calibration images are used; ``None``: all of them.
+    """
+
+    name: str = "calibrate"
+    event: str | None = "calibrated"
+    weights_first: bool = False
+    images: int | None = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reconstruct(Stage):
+    """Block/layer-wise reconstruction of every unit in forward order against FP-teacher outputs.
+
+    Attributes:
+        inputs: ``"fp"`` (the FP teacher's unit inputs: units learn independently), ``"quantized"``
+            (the current quantized model's: sequential, BRECQ style) or :class:`Mix`.
+        weights: ``"fp"`` (weight quantization off) or ``"quantized"`` (on; needs calibrated weight
+            quantizers: :class:`Calibrate` with ``weights_first`` or :class:`Requantize` before).
+        rounding: ``"ste"`` (latent FP weights trained through the fake quantizer) or ``"adaround"``.
+        loss: ``"mse"``.
+        iters / batch_size / lr: Adam steps per unit, mini-batch, learning rate; ``None`` takes the
+            ``quantize()`` argument (``iters=None`` there: 1000, 200 at >= 6-bit activations).
+        act_drop_prob: QDrop: probability that an element of a quantized activation stays FP.
+        act_scale_lr: ``None``: activation step sizes stay fixed (I&S-ViT). A number: Adam learning
+            rate of the uniform activation quantizers' step sizes (LSQ, QDrop: 4e-5).
+    """
+
+    name: str = "reconstruct"
+    inputs: str | Mix = "quantized"
+    weights: str = "quantized"
+    rounding: str = "ste"
+    loss: str = "mse"
+    iters: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    act_drop_prob: float = 0.0
+    act_scale_lr: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reparameterize(Stage):
+    """Fold channel-wise post-LayerNorm activation scales into LayerNorm and the next Linear (SOS
+    stage 2, RepQ-ViT); the quantizers become per-tensor. Changes the weights, so weight quantizers
+    need a :class:`Requantize` afterwards before weights are quantized.
+
+    Attributes:
+        zero_point: the layer-wise zero-point: ``"round"`` (integer mean: exact in the quantized
+            domain) or ``"mean"`` (fractional mean, paper Eq. 15 and the official code).
+    """
+
+    name: str = "reparameterize"
+    zero_point: str = "round"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Requantize(Stage):
+    """Calibrate every weight quantizer on the current weights and switch weight quantization on."""
+
+    name: str = "requantize"
+
+
+def stage_dict(stage: Stage) -> dict[str, Any]:
+    """JSON-ready description of a stage: ``{"stage": class name, "name": ..., "event": ..., **settings}``."""
+    out: dict[str, Any] = {"stage": type(stage).__name__, "name": stage.name, "event": stage.event}
+    for key, val in stage.settings().items():
+        out[key] = {"mix": val.p} if isinstance(val, Mix) else val
+    return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
+class _StageChecker:
+    """Walks the stages in order, tracking what is calibrated, and raises on the first bad one."""
+
+    def __init__(self, channel_post_ln: bool) -> None:
+        self.channel_post_ln = channel_post_ln
+        self.acts_calibrated = False
+        self.weights_calibrated = False  # and still valid for the current weights
+        self.where = ""
+
+    def fail(self, field: str, why: str) -> ValueError:
+        return ValueError(f"{self.where}: {field}: {why}")
+
+    def check(self, i: int, stage: Any) -> None:
+        if not isinstance(stage, Stage):
+            raise ValueError(f"stages[{i}]: {stage!r} is not a stage (Calibrate, Reconstruct, Reparameterize, Requantize)")
+        self.where = f"stages[{i}] ({type(stage).__name__} {stage.name!r})"
+        if not isinstance(stage.name, str) or not stage.name:
+            raise self.fail("name", f"must be a non-empty string, got {stage.name!r}")
+        if stage.event is not None and not isinstance(stage.event, str):
+            raise self.fail("event", f"must be a string or None, got {stage.event!r}")
+        for kind, check in ((Calibrate, self._calibrate), (Reconstruct, self._reconstruct),
+                            (Reparameterize, self._reparameterize), (Requantize, self._requantize)):  # fmt: skip
+            if isinstance(stage, kind):
+                check(stage)
+
+    def _calibrate(self, s: Calibrate) -> None:
+        if not isinstance(s.weights_first, bool):
+            raise self.fail("weights_first", f"must be True or False, got {s.weights_first!r}")
+        if s.images is not None and not (_is_int(s.images) and s.images >= 1):
+            raise self.fail("images", f"must be None or an int >= 1, got {s.images!r}")
+        self.acts_calibrated = True
+        self.weights_calibrated = self.weights_calibrated or s.weights_first
+
+    def _reconstruct(self, s: Reconstruct) -> None:
+        if not self.acts_calibrated:
+            raise self.fail("stage order", "reconstruction before calibration; put a Calibrate stage first")
+        if isinstance(s.inputs, Mix):
+            p = s.inputs.p
+            if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1):
+                raise self.fail("inputs", f"Mix(p) needs 0 < p < 1 (p=0 is 'quantized', p=1 is 'fp'), got p={p!r}")
+        elif s.inputs not in INPUTS:
+            raise self.fail("inputs", f"must be one of {INPUTS} or Mix(p), got {s.inputs!r}")
+        if s.weights not in WEIGHTS:
+            raise self.fail("weights", f"must be one of {WEIGHTS}, got {s.weights!r}")
+        if s.rounding not in ROUNDINGS:
+            raise self.fail("rounding", f"unknown rounding {s.rounding!r}; valid: {ROUNDINGS}")
+        if s.loss not in LOSSES:
+            raise self.fail("loss", f"unknown loss {s.loss!r}; valid: {LOSSES}")
+        if s.iters is not None and not (_is_int(s.iters) and s.iters >= 0):
+            raise self.fail("iters", f"must be None or an int >= 0, got {s.iters!r}")
+        if s.batch_size is not None and not (_is_int(s.batch_size) and s.batch_size >= 1):
+            raise self.fail("batch_size", f"must be None or an int >= 1, got {s.batch_size!r}")
+        if s.lr is not None and not _positive(s.lr):
+            raise self.fail("lr", f"must be None or a positive finite number, got {s.lr!r}")
+        if s.act_scale_lr is not None and not _positive(s.act_scale_lr):
+            raise self.fail("act_scale_lr", f"must be None or a positive finite number, got {s.act_scale_lr!r}")
+        p = s.act_drop_prob
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+            raise self.fail("act_drop_prob", f"must be a probability in [0, 1], got {p!r}")
+        if s.weights == "quantized" and not self.weights_calibrated:
+            raise self.fail("weights", "'quantized' needs calibrated weight quantizers: a Requantize stage before "
+                                       "(after any Reparameterize) or Calibrate(weights_first=True)")  # fmt: skip
+        if s.rounding == "adaround" and s.weights != "quantized":
+            raise self.fail("rounding", "'adaround' learns the rounding of quantized weights; it needs weights='quantized'")
+
+    def _reparameterize(self, s: Reparameterize) -> None:
+        if not self.acts_calibrated:
+            raise self.fail("stage order", "reparameterization before calibration; put a Calibrate stage first")
+        if not self.channel_post_ln:
+            raise self.fail("post_ln", "Reparameterize folds channel-wise post-LN quantizers, but the method's post_ln "
+                                       "and reduction_post_ln are both 'layer'")  # fmt: skip
+        if s.zero_point not in ZERO_POINTS:
+            raise self.fail("zero_point", f"must be one of {ZERO_POINTS}, got {s.zero_point!r}")
+        self.weights_calibrated = False  # the folded weights changed: their quantizers are stale
+
+    def _requantize(self, s: Requantize) -> None:
+        self.weights_calibrated = True
+
+
+def check_stages(stages: Any, channel_post_ln: bool) -> tuple[Stage, ...]:
+    """Validate a stage list (order, every field) before any work; return it as a tuple.
+
+    ``channel_post_ln``: whether the method places any channel-wise post-LN quantizer (what
+    :class:`Reparameterize` folds).
+
+    Raises:
+        ValueError: naming the stage (``stages[i] (Type 'name')``) and the field, for an empty list,
+            a reconstruction or reparameterization before calibration, ``Reparameterize`` with
+            layer-wise post-LN quantizers, unknown input / weight / loss / rounding names, negative
+            iterations, ``Mix(p)`` outside (0, 1), quantized weights without calibrated weight
+            quantizers, or two stages repeating one setting key (same name and field).
+    """
+    if isinstance(stages, (str, bytes, Stage)) or not hasattr(stages, "__iter__"):
+        raise ValueError(f"stages must be a list or tuple of stages, got {type(stages).__name__}")
+    stages = tuple(stages)
+    if not stages:
+        raise ValueError("stages: the stage list is empty; a method needs at least a Calibrate stage")
+    checker = _StageChecker(channel_post_ln)
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        checker.check(i, stage)
+        for key in stage.settings():
+            full = f"{stage.name}.{key}"
+            if full in seen:
+                raise checker.fail("name", f"setting {full!r} repeats stages[{seen[full]}]; give the stage another name")
+            seen[full] = i
+    return stages
