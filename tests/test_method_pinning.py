@@ -4,6 +4,12 @@ The references in ``tests/data/method_pins.pt`` were written by the pre-refactor
 procedure per ``schedule`` string) at tiny settings: W4/A4, 32 calibration images, 2 iterations, batch
 16, seed 0, logits of 16 test images. A refactor of the calibration engine must not change them.
 Regenerate only when a result is meant to change: ``python tests/test_method_pinning.py --write``.
+
+History: written by the pre-refactor pipeline with the explicit straight-through rule and QDrop's
+dropping on every activation (both deliberate changes, made before the refactor and checked by running
+the old pipeline on them: identical); the declarative engine reproduced all 9 cases bit-exactly; then
+regenerated once on purpose when the engine let Swin PatchMerging units sum their loss over tokens
+(only ``swin/isvit`` changed).
 """
 
 from __future__ import annotations

@@ -272,3 +272,22 @@ def test_engine_flattens_patch_merging_output_by_default(swin):
         unit, x_q, y, ReconConfig(iters=1, batch_size=8), CPU, torch.Generator().manual_seed(0), progress=False
     )
     assert out["rec_first"] == pytest.approx(expect, rel=1e-6)
+
+
+def test_engine_sums_the_patch_merging_loss_over_tokens(swin, monkeypatch):
+    """Swin PatchMerging outputs are NHWC: the engine must let the loss flatten them to tokens (issue #16)."""
+    import isvit_viz as iv
+    from isvit_viz.calib import engine
+
+    seen: dict[str, bool] = {}
+    real = engine.reconstruct_unit
+
+    def spy(unit, *a, tokens_last=None, desc="", **k):
+        seen[desc] = channels_last_output(unit) if tokens_last is None else tokens_last
+        return real(unit, *a, tokens_last=tokens_last, desc=desc, **k)
+
+    monkeypatch.setattr(engine, "reconstruct_unit", spy)
+    fp, _, images = swin
+    iv.quantize(fp, "qdrop", 4, 4, images, iters=1, batch_size=8, progress=False)
+    assert seen[REDUCTION] is True and seen[BLOCK] is True
+    assert seen["patch_embed.proj"] is False  # the conv unit's output is NCHW: summed over channels, as the official loss

@@ -175,16 +175,16 @@ def _reconstruct(stage: Reconstruct, ctx: EngineContext) -> None:
     rcfg = ctx.run.recon_config(stage)
     units = reconstruction_units(ctx.qmodel)
     bar = tqdm(units, desc=f"{ctx.label} {stage.name}", disable=not ctx.progress)
-    for i, (name, unit, ukind) in enumerate(bar):
+    for i, (name, unit, _kind) in enumerate(bar):
         if i < ctx.start_unit or not _unit_is_quantized(unit):
             continue  # done before a resume, or nothing quantized (stage-1 patch embedding: the loss is exactly 0)
         if rcfg.iters == 0:
             continue  # nothing to fit: skip the capture passes too
         caches = _unit_data(stage, ctx, unit, ctx.teacher.get_submodule(name))
         try:
-            losses = reconstruct_unit(unit, caches[0], caches[1], rcfg, ctx.device, ctx.generator,
-                                      tokens_last=(ctx.model_kind == "swin" and ukind == "block"), desc=name,
-                                      progress=ctx.progress, fp_inputs=caches[2])  # fmt: skip
+            # tokens_last=None: the loss layout follows the unit (NHWC for Swin blocks and PatchMerging)
+            losses = reconstruct_unit(unit, caches[0], caches[1], rcfg, ctx.device, ctx.generator, tokens_last=None,
+                                      desc=name, progress=ctx.progress, fp_inputs=caches[2])  # fmt: skip
         finally:
             for c in caches:
                 if c is not None:
