@@ -43,7 +43,7 @@ def test_stale_artifact_format_is_refused(tmp_path):
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="format"):
         results.load_artifact("landscapes", tmp_path)
-    with pytest.raises(results.ResultsNotFoundError, match="benchmarks.artifacts"):
+    with pytest.raises(results.ResultsNotFoundError, match="python -m benchmarks.levels"):
         results.load_artifact("levels", tmp_path)
 
 
