@@ -21,7 +21,9 @@ level, so the choice matters. :func:`clamp_ste` states the rule with an explicit
 on ``torch.clamp``'s backward, so results do not depend on the installed PyTorch.
 
 Quantizer parameters (scales, zero-points, SULQ's eta/minv/maxv, log bases) are buffers: no gradient
-flows to them, as in the official code, which freezes them during reconstruction.
+flows to them, as in the official code, which freezes them during reconstruction. The one exception is
+opt-in: ``ReconConfig.act_scale_lr`` (QDrop/BRECQ) turns uniform activation step sizes into parameters
+for the duration of a reconstruction (LSQ gradient, :meth:`UniformQuantizer.learn_scale`).
 """
 
 from __future__ import annotations
