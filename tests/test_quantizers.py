@@ -338,3 +338,17 @@ def test_fused_uniform_fake_quant_matches_autograd_reference(axis):
     assert torch.equal(ya, yb)
     assert torch.equal(xa.grad == 0, xb.grad == 0)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_a_quantizer_missing_a_hook_cannot_be_built():
+    from isvit_viz.quant.base import Quantizer
+
+    class NoDequant(Quantizer):
+        def _calibrate(self, x):
+            pass
+
+        def _codes(self, x, ste):
+            return x
+
+    with pytest.raises(TypeError, match="_dequant"):
+        NoDequant(4)

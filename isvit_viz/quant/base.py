@@ -8,6 +8,7 @@ de-quantizes codes with one formula. ``forward``, ``encode`` and ``decode`` shar
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -58,7 +59,7 @@ def check_calibration_input(x: Any, *, non_negative: bool = False, who: str = "q
     return x.detach()
 
 
-class Quantizer(nn.Module):
+class Quantizer(nn.Module, abc.ABC):
     """Base class of all fake quantizers.
 
     Subclasses implement :meth:`_calibrate`, :meth:`_codes` (input -> integer-valued float codes) and
@@ -154,11 +155,14 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}, calibrated={self.is_calibrated}"
 
     # ------------------------------------------------------------------ to implement
-    def _calibrate(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _calibrate(self, x: torch.Tensor) -> None:
+        """Subclass hook (see :class:`Quantizer`)."""
 
-    def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
+        """Subclass hook (see :class:`Quantizer`)."""
 
-    def _dequant(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _dequant(self, codes: torch.Tensor) -> torch.Tensor:
+        """Subclass hook (see :class:`Quantizer`)."""
