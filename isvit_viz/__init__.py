@@ -22,7 +22,7 @@ from .models.embedded import load_embedded  # noqa: E402
 from .models.support import UnsupportedModelError  # noqa: E402
 from .serialization import load_quantized, save_quantized  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "QuantResult",

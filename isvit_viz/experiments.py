@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ def run_grid(
     progress: bool = False,
     device: str | torch.device | None = None,
     fp_dtype: str | None = None,
+    checkpoint_root: str | Path | None = None,
     **quantize_kw: Any,
 ) -> list[dict[str, Any]]:
     """Quantize ``model`` with every method x bit setting x seed; one record per run with FP and
@@ -40,7 +42,9 @@ def run_grid(
     ``test_loader`` is streamed (a DataLoader, or a list of batches): the FP logits are computed once
     per grid, then the loader is iterated once per quantized model; only logits are kept. ``device``:
     where the FP model (moved there) and every quantization run execute (default: the model's device).
-    ``fp_dtype``: autocast dtype for the FP reference (``"bfloat16"`` / ``"float16"``)."""
+    ``fp_dtype``: autocast dtype for the FP reference (``"bfloat16"`` / ``"float16"``).
+    ``checkpoint_root``: each run checkpoints into ``<root>/<method>_w<w>a<a>_s<seed>`` and resumes from
+    it (runs of hours, e.g. QDrop's 20,000 steps per block on a CPU, survive a stopped session)."""
     dev = resolve_device(device, model)
     model = model.to(dev)
     fp_outputs = predict_logits(model, test_loader, dev, progress=False, dtype=fp_dtype)  # once, not once per run
@@ -54,12 +58,14 @@ def run_grid(
                 reset_peak_rss()  # each record's peak is its own run's (Linux)
                 t0 = time.perf_counter()
                 images = calib(seed) if callable(calib) else calib
+                ckpt = None if checkpoint_root is None else Path(checkpoint_root) / f"{method}_w{wb}a{ab}_s{seed}"
                 res = quantize(model, method, wb, ab, images, iters=iters, seed=seed, progress=progress, device=dev,
-                               **quantize_kw)  # fmt: skip
+                               checkpoint_dir=ckpt, **quantize_kw)  # fmt: skip
                 wall = time.perf_counter() - t0
                 cmp = compare_to_fp(model, res.model, test_loader, dev, progress=False, fp_outputs=fp_outputs)
                 records.append({
                     "method": method, "w_bits": wb, "a_bits": ab, "seed": seed, "iters": res.config["iters"],
+                    "batch_size": res.config["batch_size"],
                     "calib_images": res.config["calib_images"], **cmp, "wall_s": wall, "stage_s": dict(res.timings),
                     "peak_rss_mb": peak_rss_mb(),
                     "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,

@@ -143,7 +143,18 @@ def aggregate(runs: Iterable[Mapping[str, Any]], keys: Sequence[str] = ("model",
 # ----------------------------------------------------------------------------- the accuracy grid (Table 1)
 _DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 #: the paper's Table 1 row order
-METHOD_ORDER = ["isvit", "isvit-official", "qdrop", "repq-vit", "ptq4vit", "minmax"]
+METHOD_ORDER = [
+    "isvit",
+    "isvit-official",
+    "qdrop",
+    "brecq",
+    "repq-vit",
+    "ptq4vit",
+    "qdrop-ste",
+    "reparam-logsqrt2",
+    "twin-uniform-mse",
+    "minmax",
+]
 
 
 def device_label(env: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> str:

@@ -13,6 +13,7 @@ import isvit_viz as iv
 from isvit_viz.calib import (
     METHODS,
     Calibrate,
+    HessianCalibrate,
     Method,
     Mix,
     Reconstruct,
@@ -51,7 +52,7 @@ def test_describe_gives_every_setting_a_source(name, method):
     rows = describe(method)
     keys = [r["setting"] for r in rows]
     placement = ["softmax", "softmax_kwargs", "post_ln", "post_gelu", "weight_granularity", "act_init", "weight_init",
-                 "input_bits", "reduction_post_ln", "weight_percentiles"]  # fmt: skip
+                 "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits"]  # fmt: skip
     stage_keys = [f"{s.name}.{k}" for s in method.stages for k in s.settings()]
     assert keys == ["stages", *placement, *stage_keys]  # every field of the placement and of every stage
     assert [k for k, r in zip(keys, rows) if not r["source"]] == []  # no setting without a source
@@ -101,13 +102,25 @@ BAD = [
     (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", inputs=Mix(1.5))), r"stages\[1\] \(Reconstruct 'fit'\): inputs: .*p=1.5"),
     (lambda: _m(Calibrate(), Reconstruct(name="fit", inputs="teacher", weights="fp")), r"stages\[1\] \(Reconstruct 'fit'\): inputs"),
     (lambda: _m(Calibrate(), Reconstruct(name="fit")), r"stages\[1\] \(Reconstruct 'fit'\): weights: 'quantized' needs calibrated"),
-    (lambda: _m(Calibrate(weights_first=True), Reparameterize(), Reconstruct(name="fit")), r"stages\[2\] \(Reconstruct 'fit'\): weights"),
+    (lambda: _m(Calibrate(weights="calibrate"), Reparameterize(), Reconstruct(name="fit")), r"stages\[2\] \(Reconstruct 'fit'\): weights"),
     (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", rounding="adaround")), r"stages\[1\] \(Reconstruct 'fit'\): rounding: 'adaround'"),
     (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", act_scale_lr=-1.0)), r"stages\[1\] \(Reconstruct 'fit'\): act_scale_lr"),
     (lambda: _m(Calibrate(images=0)), r"stages\[0\] \(Calibrate 'calibrate'\): images"),
     (lambda: _m(Calibrate(), Reparameterize(name="x"), Reparameterize(name="x")), r"stages\[2\] \(Reparameterize 'x'\): name: setting 'x.zero_point' repeats stages\[1\]"),
     (lambda: _m(Calibrate(), "recalibrate"), r"stages\[1\]: 'recalibrate' is not a stage"),
     (lambda: _m(Calibrate(), softmax="nope"), r"unknown softmax quantizer 'nope'"),
+    (lambda: _m(Calibrate(weights="teacher")), r"stages\[0\] \(Calibrate 'calibrate'\): weights: must be one of"),
+    (lambda: _m(Calibrate(weights="quantized")), r"stages\[0\] \(Calibrate 'calibrate'\): weights: 'quantized' needs calibrated"),
+    (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", activations="int")), r"stages\[1\] \(Reconstruct 'fit'\): activations: must be one of"),
+    (lambda: _m(Requantize(), Reconstruct(name="fit", weights="fp", activations="fp")), r"stages\[1\] \(Reconstruct 'fit'\): activations: .*nothing is quantized"),
+    (lambda: _m(Requantize(), Reconstruct(name="fit")), r"stages\[1\] \(Reconstruct 'fit'\): stage order: reconstruction before calibration"),
+    (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", loss="lp", loss_p=0.0)), r"stages\[1\] \(Reconstruct 'fit'\): loss_p: must be a positive"),
+    (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", loss_p=2.4)), r"stages\[1\] \(Reconstruct 'fit'\): loss_p: .*2 with loss='mse'"),
+    (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", rounding="fixed")), r"stages\[1\] \(Reconstruct 'fit'\): rounding: 'fixed' trains no weights"),
+    (lambda: _m(Calibrate(), HessianCalibrate(), post_ln="layer"), r"stages\[1\] \(HessianCalibrate 'hessian'\): stage order: .*first calibrating stage"),
+    (lambda: _m(HessianCalibrate(), Requantize(), post_ln="layer"), r"stages\[1\] \(Requantize 'requantize'\): stage order: .*overwrite"),
+    (lambda: _m(HessianCalibrate(), Calibrate(), post_ln="layer"), r"stages\[1\] \(Calibrate 'calibrate'\): stage order: .*overwrite"),
+    (lambda: _m(HessianCalibrate(candidates=0), post_ln="layer"), r"stages\[0\] \(HessianCalibrate 'hessian'\): candidates"),
 ]  # fmt: skip
 
 
@@ -126,7 +139,7 @@ def test_quantize_refuses_bad_input_before_any_work(data, monkeypatch):
         iv.quantize(model, Method(name="mine", stages=(Calibrate(),)), 4, 4, calib, sos=False, **KW)
     big = Method(name="big", stages=(Calibrate(), Reconstruct(name="fit", weights="fp", batch_size=64)))
     with pytest.raises(ValueError, match="32 images, fewer than the batch size 64"):
-        iv.quantize(model, big, 4, 4, calib, **KW)
+        iv.quantize(model, big, 4, 4, calib, **{**KW, "batch_size": None})  # the stage's own batch size
 
     @dataclass(frozen=True, kw_only=True)
     class Noop(Stage):
@@ -208,15 +221,15 @@ def test_mix_inputs_and_rounding_reach_the_reconstruction(data, monkeypatch):
     monkeypatch.setattr(engine, "reconstruct_unit", spy)
     qdrop_like = Method(
         name="mix-adaround", softmax="uniform", post_ln="layer",
-        stages=(Calibrate(weights_first=True),
+        stages=(Calibrate(weights="calibrate"),
                 Reconstruct(inputs=Mix(0.5), rounding="adaround", iters=3, act_drop_prob=0.5, act_scale_lr=4e-5)),
     )  # fmt: skip
-    res = iv.quantize(model, qdrop_like, 4, 4, calib, **KW)  # quantize(iters=2): the stage's own 3 wins
+    res = iv.quantize(model, qdrop_like, 4, 4, calib, **KW)  # quantize(iters=2) overrides the stage's own 3
     assert len(seen) == 8 and all(has_fp for _, has_fp in seen)
     cfg = seen[0][0]
     assert (cfg.input_mix, cfg.rounding, cfg.iters, cfg.batch_size, cfg.act_drop_prob, cfg.act_scale_lr) == (
-        0.5, "adaround", 3, 16, 0.5, 4e-5)  # fmt: skip
-    assert res.config["stages"][1]["inputs"] == {"mix": 0.5} and res.config["iters"] == 3
+        0.5, "adaround", 2, 16, 0.5, 4e-5)  # fmt: skip
+    assert res.config["stages"][1]["inputs"] == {"mix": 0.5} and res.config["iters"] == 2
     assert all("flip_frac" in u for u in res.unit_losses)
     learned = [u["unit"] for u in res.unit_losses if u["act_scale_n"] > 0]  # the FP image has no activation quantizer
     assert learned == [u["unit"] for u in res.unit_losses if u["unit"] != "patch_embed.proj"] and len(learned) == 7
@@ -235,3 +248,17 @@ def test_registered_handler_runs_a_new_stage_type(data, monkeypatch):
     m = replace(METHODS["minmax"], name="minmax+count", stages=(*METHODS["minmax"].stages, Count()), provenance={})
     res = iv.quantize(model, m, 4, 4, calib, callbacks=lambda e, _: events.append(e), **KW)
     assert calls == [True] and events == ["calibrated", "count"] and "count" in res.timings
+
+
+def test_run_settings_override_the_stages_and_fill_what_they_leave_unset():
+    from isvit_viz.calib.engine import RunSettings
+
+    own = Reconstruct(iters=20000, batch_size=32, loss="lp", loss_p=2.4)
+    unset = Reconstruct()
+    run = RunSettings(iters=None, batch_size=None, lr=None, default_iters=200)
+    assert (run.resolve(own).iters, run.resolve(own).batch_size, run.resolve(own).lr) == (20000, 32, 4e-5)
+    assert (run.resolve(unset).iters, run.resolve(unset).batch_size) == (200, 64)  # the I&S-ViT defaults
+    matched = RunSettings(iters=1000, batch_size=64, lr=1e-4)
+    assert (matched.resolve(own).iters, matched.resolve(own).batch_size, matched.resolve(own).lr) == (1000, 64, 1e-4)
+    cfg = run.recon_config(own)
+    assert (cfg.loss_p, cfg.act_scale_grad_scale) == (2.4, True)

@@ -1,7 +1,8 @@
 """Calibration: quantizer initialisation, reparameterization, reconstruction and the PTQ methods.
 
 A PTQ method is data: a :class:`Method` (quantizer placement + an ordered tuple of stages:
-:class:`Calibrate`, :class:`Reconstruct`, :class:`Reparameterize`, :class:`Requantize`) that
+:class:`Calibrate`, :class:`HessianCalibrate`, :class:`Reconstruct`, :class:`Reparameterize`,
+:class:`Requantize`) that
 :func:`quantize` runs with one engine. :data:`METHODS` holds the registered ones and :func:`describe`
 lists every setting of a method with its source.
 """
@@ -11,11 +12,12 @@ from .pipeline import QuantResult, quantize, reconstruction_units
 from .provenance import Source, describe, describe_markdown
 from .recon import ReconConfig, reconstruct_unit
 from .reparam import fold_channel_scales, reparameterize
-from .stages import Calibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage
+from .stages import Calibrate, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage
 
 __all__ = [
     "METHODS",
     "Calibrate",
+    "HessianCalibrate",
     "Method",
     "Mix",
     "QuantResult",

@@ -22,13 +22,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..quant.modules import QuantConv2d, QuantLinear
-from ..quant.wrap import calibrate_activations, calibrate_weights, set_quant_state
+from ..quant.wrap import calibrate_activations, calibrate_weights, quant_modules, set_quant_state
 from ..utils import atomic_torch_save
 from .cache import MemoryBudget, TensorCache
 from .capture import capture_unit_io
-from .recon import ReconConfig, reconstruct_unit
+from .recon import ReconConfig, act_scale_quantizers, reconstruct_unit
 from .reparam import reparameterize
-from .stages import Calibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage
+from .stages import Calibrate, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage
+
+#: Run defaults of reconstruction stages that leave ``batch_size`` / ``lr`` unset (I&S-ViT paper §5.1).
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_LR = 4e-5
 
 #: Callback signature: ``callback(event, quantized_model)`` after each stage that has an event.
 StageCallback = Callable[[str, nn.Module], None]
@@ -69,20 +73,27 @@ def _unit_is_quantized(unit: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Run-level reconstruction settings (the ``quantize()`` arguments) that stage fields left ``None`` take."""
+    """Run-level reconstruction settings (the ``quantize()`` arguments).
 
-    iters: int
-    batch_size: int
-    lr: float
+    ``iters`` / ``batch_size`` / ``lr``: ``None`` lets each stage use its own value, and the run default
+    (``default_iters``, batch 64, lr 4e-5) where the stage leaves it ``None``; a number overrides every
+    stage (one matched budget for all methods).
+    """
+
+    iters: int | None
+    batch_size: int | None
+    lr: float | None
     matmul_dtype: str = "float32"
+    default_iters: int = 1000
 
     def resolve(self, stage: Reconstruct) -> Reconstruct:
-        """``stage`` with ``iters`` / ``batch_size`` / ``lr`` filled in where it leaves them ``None``."""
+        """``stage`` with ``iters`` / ``batch_size`` / ``lr`` decided (run override > stage > default)."""
+        pick = lambda run, own, default: run if run is not None else (own if own is not None else default)  # noqa: E731
         return replace(
             stage,
-            iters=self.iters if stage.iters is None else stage.iters,
-            batch_size=self.batch_size if stage.batch_size is None else stage.batch_size,
-            lr=self.lr if stage.lr is None else stage.lr,
+            iters=pick(self.iters, stage.iters, self.default_iters),
+            batch_size=pick(self.batch_size, stage.batch_size, DEFAULT_BATCH_SIZE),
+            lr=pick(self.lr, stage.lr, DEFAULT_LR),
         )
 
     def recon_config(self, stage: Reconstruct) -> ReconConfig:
@@ -91,7 +102,8 @@ class RunSettings:
         mix = s.inputs.p if isinstance(s.inputs, Mix) else 0.0
         return ReconConfig(iters=s.iters, batch_size=s.batch_size, lr=s.lr, act_drop_prob=s.act_drop_prob,
                            matmul_dtype=self.matmul_dtype, rounding=s.rounding, input_mix=mix,
-                           act_scale_lr=s.act_scale_lr)  # fmt: skip
+                           act_scale_lr=s.act_scale_lr, act_scale_grad_scale=s.act_scale_grad_scale,
+                           loss_p=s.loss_p)  # fmt: skip
 
 
 @dataclass
@@ -138,10 +150,19 @@ def register_stage(stage_type: type) -> Callable[[StageHandler], StageHandler]:
 
 @register_stage(Calibrate)
 def _calibrate(stage: Calibrate, ctx: EngineContext) -> None:
-    if stage.weights_first:
+    if stage.weights == "calibrate":
         calibrate_weights(ctx.qmodel)
-    set_quant_state(ctx.qmodel, weight=stage.weights_first, act=True)
+    set_quant_state(ctx.qmodel, weight=stage.weights != "fp", act=True)
     calibrate_activations(ctx.qmodel, ctx.images[: stage.images].to(ctx.device))
+
+
+@register_stage(HessianCalibrate)
+def _hessian(stage: HessianCalibrate, ctx: EngineContext) -> None:
+    from .hessian import HessianConfig, hessian_calibrate
+
+    cfg = HessianConfig(n_candidates=stage.candidates, rounds=stage.rounds)
+    hessian_calibrate(ctx.qmodel, ctx.images[: stage.images].to(ctx.device), cfg=cfg, progress=ctx.progress)
+    set_quant_state(ctx.qmodel, weight=True, act=True)
 
 
 @register_stage(Reparameterize)
@@ -152,7 +173,8 @@ def _reparameterize(stage: Reparameterize, ctx: EngineContext) -> None:
 @register_stage(Requantize)
 def _requantize(stage: Requantize, ctx: EngineContext) -> None:
     calibrate_weights(ctx.qmodel)
-    set_quant_state(ctx.qmodel, weight=True, act=True)
+    for _, mod in quant_modules(ctx.qmodel):  # activations stay as they are
+        mod.weight_quant = True
 
 
 def _unit_data(stage: Reconstruct, ctx: EngineContext, unit: nn.Module, t_unit: nn.Module) -> tuple[TensorCache, ...]:
@@ -171,7 +193,7 @@ def _unit_data(stage: Reconstruct, ctx: EngineContext, unit: nn.Module, t_unit: 
 
 @register_stage(Reconstruct)
 def _reconstruct(stage: Reconstruct, ctx: EngineContext) -> None:
-    set_quant_state(ctx.qmodel, weight=stage.weights == "quantized", act=True)
+    set_quant_state(ctx.qmodel, weight=stage.weights == "quantized", act=stage.activations == "quantized")
     rcfg = ctx.run.recon_config(stage)
     units = reconstruction_units(ctx.qmodel)
     bar = tqdm(units, desc=f"{ctx.label} {stage.name}", disable=not ctx.progress)
@@ -180,6 +202,8 @@ def _reconstruct(stage: Reconstruct, ctx: EngineContext) -> None:
             continue  # done before a resume, or nothing quantized (stage-1 patch embedding: the loss is exactly 0)
         if rcfg.iters == 0:
             continue  # nothing to fit: skip the capture passes too
+        if rcfg.rounding == "fixed" and not act_scale_quantizers(unit):
+            continue  # only step sizes learn, and this unit has none (the patch embedding of an FP image)
         caches = _unit_data(stage, ctx, unit, ctx.teacher.get_submodule(name))
         try:
             # tokens_last=None: the loss layout follows the unit (NHWC for Swin blocks and PatchMerging)

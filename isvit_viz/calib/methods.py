@@ -16,13 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..quant.config import PTQ4VIT_TWIN
+from ..quant.uniform import ACT_PERCENTILES
 from .provenance import PROVENANCE, Source, ablation_no_sos, ablation_softmax
-from .stages import Calibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, check_stages
+from .stages import Calibrate, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, check_stages
 
 #: Method fields that place quantizers (passed to :class:`isvit_viz.quant.config.QuantConfig`).
 PLACEMENT_FIELDS = (
     "softmax", "softmax_kwargs", "post_ln", "post_gelu", "weight_granularity", "act_init", "weight_init",
-    "input_bits", "reduction_post_ln", "weight_percentiles",
+    "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits",
 )  # fmt: skip
 
 
@@ -51,6 +53,7 @@ class Method:
     input_bits: int | None = None
     reduction_post_ln: str = "layer"
     weight_percentiles: tuple[float, ...] | None = None
+    first_last_bits: int | None = None
     description: str = ""
     provenance: Mapping[str, Source] = field(default_factory=dict)
 
@@ -90,7 +93,7 @@ class Method:
         kinds = [type(s) for s in self.stages]
         if Reconstruct not in kinds:
             return "none"
-        if kinds == [Calibrate, Reconstruct]:
+        if len(kinds) == 2 and kinds[0] is Calibrate:
             return "single"
         return "sos" if _is_sos(self) else "custom"
 
@@ -115,10 +118,32 @@ def _sos_stages(zero_point: str, images: int) -> tuple[Stage, ...]:
     )
 
 
-def _calibration_only(images: int, reparam: str | None) -> tuple[Stage, ...]:
+def _calibration_only(images: int, reparam: str | None, weights: str = "fp") -> tuple[Stage, ...]:
     """Calibrate activations, then (optionally fold and) calibrate weights: one step named ``weights``."""
     fold = (Reparameterize(name="weights", event=None, zero_point=reparam),) if reparam else ()
-    return (Calibrate(images=images), *fold, Requantize(name="weights", event=None))
+    return (Calibrate(weights=weights, images=images), *fold, Requantize(name="weights", event=None))
+
+
+#: BRECQ / QDrop reconstruction settings (their ImageNet scripts): 20,000 steps of batch 32, Lp loss p = 2.4.
+_BRECQ_RECON = {"iters": 20000, "batch_size": 32, "loss": "lp", "loss_p": 2.4}
+
+
+def _brecq_stages() -> tuple[Stage, ...]:
+    """BRECQ (``main_imagenet.py``): weights (64-image init, AdaRound block reconstruction, activations
+    FP), then activations (64-image init, step sizes learned over 5000 steps at lr 4e-4)."""
+    return (
+        Requantize(name="init_weights", event=None),
+        Reconstruct(name="weight_recon", event=None, activations="fp", rounding="adaround", **_BRECQ_RECON),
+        Calibrate(weights="quantized", images=64),
+        Reconstruct(
+            name="act_recon",
+            event="reconstructed",
+            rounding="fixed",
+            act_scale_lr=4e-4,
+            act_scale_grad_scale=False,
+            **{**_BRECQ_RECON, "iters": 5000},
+        ),  # fmt: skip
+    )
 
 
 def _registered(name: str, **kw: Any) -> Method:
@@ -142,28 +167,80 @@ METHODS: dict[str, Method] = {
     ),
     "repq-vit": _registered(
         "repq-vit",
+        stages=_calibration_only(32, reparam="mean", weights="calibrate"),
+        softmax="logsqrt2",
+        softmax_kwargs={"include_max": False},
+        reduction_post_ln="channel",
+        input_bits=8,
+        weight_percentiles=ACT_PERCENTILES,
+        description="RepQ-ViT as its code runs it: activations calibrated with quantized weights on 32 images, "
+        "channel-wise post-LN (incl. Swin PatchMerging) folded with a fractional zero-point, log-sqrt2 softmax, "
+        "8-bit input image; no reconstruction",
+    ),
+    "reparam-logsqrt2": _registered(
+        "reparam-logsqrt2",
         stages=_calibration_only(64, reparam="mean"),
         softmax="logsqrt2",
-        description="RepQ-ViT: channel-wise post-LN calibration + reparameterization, log-sqrt2 softmax, no reconstruction",
+        description="RepQ-ViT's two quantizers on I&S-ViT's placement (this package's 'repq-vit' before 0.2): "
+        "FP-weight calibration, channel-wise post-LN folded, log-sqrt2 softmax; no reconstruction",
     ),
     "ptq4vit": _registered(
         "ptq4vit",
+        stages=(HessianCalibrate(images=32),),
+        softmax=PTQ4VIT_TWIN,
+        post_ln="layer",
+        post_gelu=PTQ4VIT_TWIN,
+        weight_granularity="tensor",
+        description="PTQ4ViT as its code runs it: twin-uniform softmax and GELU quantizers, every step searched "
+        "with the Hessian-guided metric on 32 images; no reconstruction",
+    ),
+    "twin-uniform-mse": _registered(
+        "twin-uniform-mse",
         stages=_calibration_only(64, reparam=None),
         softmax="twin_uniform",
         post_ln="layer",
         post_gelu="twin_uniform",
-        description="PTQ4ViT: twin-uniform softmax and GELU quantizers (MSE search), calibration only",
+        description="PTQ4ViT's twin-uniform quantizers searched by MSE (this package's 'ptq4vit' before 0.2); calibration only",
+    ),
+    "brecq": _registered(
+        "brecq",
+        stages=_brecq_stages(),
+        softmax="uniform",
+        post_ln="layer",
+        first_last_bits=8,
+        description="BRECQ: AdaRound block reconstruction of the weights (20k steps, batch 32, Lp 2.4), then a "
+        "separate pass learning the activation step sizes (5k steps); first and last layers at 8 bits",
     ),
     "qdrop": _registered(
         "qdrop",
         stages=(
-            Calibrate(weights_first=True, images=256),
+            Calibrate(weights="calibrate", images=256),
+            Reconstruct(
+                name="reconstruct",
+                event="reconstructed",
+                inputs=Mix(0.5),
+                rounding="adaround",
+                act_drop_prob=0.5,
+                act_scale_lr=4e-5,
+                **_BRECQ_RECON,
+            ),  # fmt: skip
+        ),
+        softmax="uniform",
+        post_ln="layer",
+        first_last_bits=8,
+        description="QDrop: BRECQ's AdaRound block reconstruction with activation step sizes learned jointly "
+        "(LSQ), every quantized activation and the block input mixed with FP (p = 0.5); 20k steps, batch 32",
+    ),
+    "qdrop-ste": _registered(
+        "qdrop-ste",
+        stages=(
+            Calibrate(weights="calibrate", images=256),
             Reconstruct(name="reconstruct", event="reconstructed", inputs="quantized", weights="quantized", act_drop_prob=0.5),
         ),
         softmax="uniform",
         post_ln="layer",
-        description="QDrop-style: block reconstruction with quantized weights from the start, "
-        "layer-wise post-LN, activation-quantization dropping (p=0.5); weights trained through STE, no AdaRound",
+        description="QDrop's activation dropping on I&S-ViT's reconstruction (this package's 'qdrop' before 0.2): "
+        "STE weights, fixed activation scales, quantized block inputs, I&S-ViT's steps and batch",
     ),
     "minmax": _registered(
         "minmax",
@@ -181,7 +258,7 @@ METHODS: dict[str, Method] = {
 def _without_sos(m: Method) -> Method:
     """Paper Table 3 "without SOS": one reconstruction with quantized weights and layer-wise post-LN."""
     cal, s3 = m.stages[0], m.stages[4]
-    stages = (replace(cal, weights_first=True), replace(s3, name="reconstruct", event="reconstructed"))
+    stages = (replace(cal, weights="calibrate"), replace(s3, name="reconstruct", event="reconstructed"))
     return replace(m, post_ln="layer", stages=stages, provenance=ablation_no_sos(m.provenance, s3.name))
 
 

@@ -84,10 +84,8 @@ def check_input_shape(model: nn.Module, images: torch.Tensor) -> None:
         raise ValueError(f"images are {tuple(images.shape[-2:])} pixels but the model expects {tuple(size)}")
 
 
-def _run_iters(iters: int | None, a_bits: int) -> int:
-    """``quantize(iters=None)``: 1000 Adam steps per unit and stage, 200 at >= 6-bit activations (paper §5.1)."""
-    if iters is not None:
-        return iters
+def _default_iters(a_bits: int) -> int:
+    """Stages that leave ``iters`` unset: 1000 Adam steps per unit and stage, 200 at >= 6-bit activations (paper §5.1)."""
     return 200 if a_bits >= 6 else 1000
 
 
@@ -106,8 +104,8 @@ def quantize(
     a_bits: int,
     calib: Any,
     iters: int | None = None,
-    batch_size: int = 64,
-    lr: float = 4e-5,
+    batch_size: int | None = None,
+    lr: float | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
     callbacks: Iterable[StageCallback] | StageCallback | None = None,
@@ -126,10 +124,11 @@ def quantize(
             ``minmax``; :data:`~isvit_viz.calib.METHODS`) or your own :class:`~isvit_viz.calib.Method`.
         w_bits / a_bits: bit-widths (2..16).
         calib: calibration images, a tensor [N, C, H, W] or a DataLoader of (images, labels).
-        iters: Adam steps per unit and stage (default 1000, or 200 at >= 6-bit activations, as the paper).
-        batch_size / lr: reconstruction mini-batch and Adam learning rate (cosine-decayed).
-            ``iters`` / ``batch_size`` / ``lr`` apply to every reconstruction stage that leaves the
-            field ``None`` (all registered methods); a value set on a stage wins.
+        iters / batch_size / lr: Adam steps per unit and stage, reconstruction mini-batch and learning
+            rate of STE-trained weights (cosine-decayed). ``None`` (default): each stage's own setting
+            (``qdrop``: 20,000 steps of batch 32), and where a stage leaves it unset 1000 steps (200 at
+            >= 6-bit activations), batch 64 and lr 4e-5, as the I&S-ViT paper. A value given here
+            overrides every reconstruction stage: one matched budget for every method.
         device: ``"cpu"``, ``"cuda"``...; default the model's device. On CUDA, cached unit inputs and
             outputs stay in GPU memory while they fit in a third of the free memory.
         seed: seeds the mini-batch sampling (and QDrop's masks); CPU runs are bit-reproducible.
@@ -155,8 +154,9 @@ def quantize(
     m = resolve_method(method, softmax_quantizer, sos)
     check_handlers(m.stages)
     qcfg = m.quant_config(w_bits, a_bits)
-    run = RunSettings(iters=_run_iters(iters, a_bits), batch_size=batch_size, lr=lr, matmul_dtype=matmul_dtype)
-    ReconConfig(iters=run.iters, batch_size=batch_size, lr=lr, matmul_dtype=matmul_dtype)  # run settings, even unused
+    run = RunSettings(iters=iters, batch_size=batch_size, lr=lr, matmul_dtype=matmul_dtype, default_iters=_default_iters(a_bits))
+    given = {k: v for k, v in {"iters": iters, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    ReconConfig(**given, matmul_dtype=matmul_dtype)  # check the run settings, even where no stage uses them
     recon = [s for s in m.stages if isinstance(s, Reconstruct)]
     for s in recon:
         run.recon_config(s)  # each stage's resolved settings, before any work
@@ -168,9 +168,10 @@ def quantize(
     dev = resolve_device(device, model)
     cbs = [callbacks] if callable(callbacks) else list(callbacks or [])
     n_iters, stages = _stage_record(m, run)
+    first = run.resolve(recon[0]) if recon else run.resolve(Reconstruct())
     config = {
         "method": method if isinstance(method, str) else m.name, "w_bits": w_bits, "a_bits": a_bits, "iters": n_iters,
-        "batch_size": batch_size, "lr": lr, "seed": seed, "calib_images": len(images), "softmax_quantizer": m.softmax,
+        "batch_size": first.batch_size, "lr": first.lr, "seed": seed, "calib_images": len(images), "softmax_quantizer": m.softmax,
         "sos": sos, "schedule": m.schedule, "matmul_dtype": matmul_dtype, "quant_config": qcfg.to_dict(), "model_kind": kind,
         "build_spec": getattr(model, "isvit_build_spec", None), "stages": stages,
     }  # fmt: skip

@@ -5,7 +5,8 @@ because ...". ``deviation=True`` marks a setting that departs from what the meth
 (the I&S-ViT paper for ``isvit``, the released code for ``isvit-official``, the authors' paper or code
 for a baseline). References: ``method.md`` is the I&S-ViT spec (paper "§", official code zysxmu/IaS-ViT);
 RepQ-ViT: Li et al. ICCV 2023, code zkkli/RepQ-ViT; PTQ4ViT: Yuan et al. ECCV 2022, code
-hahnyuan/PTQ4ViT; QDrop: Wei et al. ICLR 2022, code wimh966/QDrop.
+hahnyuan/PTQ4ViT; QDrop: Wei et al. ICLR 2022, code wimh966/QDrop; BRECQ: Li et al. ICLR 2021, code
+yhhhli/BRECQ; AdaRound: Nagel et al. ICML 2020 (``sota-2025.md`` §2-3 summarises the last three).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def _dev(text: str) -> Source:
 
 # ------------------------------------------------------------------------------------ run settings
 # Reconstruction fields left None take the quantize() arguments; the sources say what those default to.
-_RUN_ITERS = "run setting quantize(iters=None): 1000, 200 at >= 6-bit activations (I&S-ViT paper §5.1; official --iter, per unit and stage)"
-_RUN_BATCH = "run setting quantize(batch_size=64): I&S-ViT paper §5.1 and official code (batch 64)"
-_RUN_LR = "run setting quantize(lr=4e-5): Adam, cosine to 0 (I&S-ViT paper §5.1; official block_reconstruction default)"
+_RUN_ITERS = "run default (None): 1000, 200 at >= 6-bit activations (I&S-ViT paper §5.1; official --iter, per unit and stage)"
+_RUN_BATCH = "run default (None): 64 (I&S-ViT paper §5.1 and official code)"
+_RUN_LR = "run default (None): 4e-5, Adam, cosine to 0 (I&S-ViT paper §5.1; official block_reconstruction default)"
+_ACTS_ON = "activations quantized during reconstruction"
+_NO_GRAD_SCALE = "unused: activation step sizes are not learned"
 _STE = "official code quant/block_recon.py: latent weights trained through round_ste, no AdaRound (method.md §2.2)"
 _MSE = "I&S-ViT paper Eq. 12; official code lp_loss: squared error summed over dim 1, mean over the rest (method.md §2.2)"
 _NO_DROP = "official code: no QDrop-style dropping (method.md §2.2)"
@@ -47,10 +50,12 @@ _FROZEN_SCALES = "official code: quantizer parameters frozen during reconstructi
 
 def _isvit_recon(stage: str, inputs: Source, weights: Source) -> dict[str, Source]:
     return {
-        f"{stage}.inputs": inputs, f"{stage}.weights": weights, f"{stage}.rounding": Source(_STE),
-        f"{stage}.loss": Source(_MSE), f"{stage}.iters": Source(_RUN_ITERS), f"{stage}.batch_size": Source(_RUN_BATCH),
+        f"{stage}.inputs": inputs, f"{stage}.weights": weights,
+        f"{stage}.activations": Source(f"I&S-ViT paper §4.3 and official code: {_ACTS_ON} in every stage"),
+        f"{stage}.rounding": Source(_STE), f"{stage}.loss": Source(_MSE), f"{stage}.loss_p": Source(_MSE),
+        f"{stage}.iters": Source(_RUN_ITERS), f"{stage}.batch_size": Source(_RUN_BATCH),
         f"{stage}.lr": Source(_RUN_LR), f"{stage}.act_drop_prob": Source(_NO_DROP),
-        f"{stage}.act_scale_lr": Source(_FROZEN_SCALES),
+        f"{stage}.act_scale_lr": Source(_FROZEN_SCALES), f"{stage}.act_scale_grad_scale": Source(_NO_GRAD_SCALE),
     }  # fmt: skip
 
 
@@ -69,8 +74,9 @@ def _isvit(softmax_kwargs: Source, images: Source, zero_point: Source) -> dict[s
         "input_bits": Source("official code QuantConv2d: the input image stays FP (method.md §2.1)"),
         "reduction_post_ln": Source("official code: Swin PatchMerging reduction input per tensor, not folded (method.md §2.1, §4.5)"),
         "weight_percentiles": Source("official code quant/quantizer.py: the 9 weight percentiles 0.97 ... 0.99999"),
-        "calibrate.weights_first": Source("I&S-ViT paper §4.3 (stage one: FP weights); official test_quant.py: "
-                                          "set_quant_state(input_quant=True, weight_quant=False) before the init forward"),
+        "first_last_bits": Source("official code: the patch embedding and the head are quantized at the common bit-width"),
+        "calibrate.weights": Source("I&S-ViT paper §4.3 (stage one: FP weights); official test_quant.py: "
+                                    "set_quant_state(input_quant=True, weight_quant=False) before the init forward"),
         "calibrate.images": images,
         **_isvit_recon("stage1", Source(fp_in), Source("I&S-ViT paper §4.3 (stage one: full-precision weights)")),
         "stage2.zero_point": zero_point,
@@ -79,15 +85,43 @@ def _isvit(softmax_kwargs: Source, images: Source, zero_point: Source) -> dict[s
 
 
 # ------------------------------------------------------------------------------------ baselines
-def _calibration_only(stages: Source, images: Source, weights_first: Source) -> dict[str, Source]:
-    return {"stages": stages, "calibrate.weights_first": weights_first, "calibrate.images": images}
+def _calibration_only(stages: Source, images: Source, weights: Source) -> dict[str, Source]:
+    return {"stages": stages, "calibrate.weights": weights, "calibrate.images": images}
+
+
+def _renamed(prov: Mapping[str, Source], what: str) -> dict[str, Source]:
+    """A cheaper variant kept under its own name: what differs from ``what`` is recorded, not a deviation."""
+    return {k: Source(f"(differs from {what}) {v.text}") if v.deviation else v for k, v in prov.items()}
 
 
 _OUR_PCT = _ours("it is I&S-ViT's official 9-value weight percentile list, shared by every baseline here")
+_SAME_BITS = "the patch embedding and the head at the common bit-width"
 
 _REPQ = {
     **_calibration_only(
-        Source("RepQ-ViT code test_quant.py: calibrate, reparameterize, re-initialise weight quantizers; no reconstruction"),
+        Source("RepQ-ViT code test_quant.py: one calibration forward with weights and activations quantized, "
+               "reparameterize, re-initialise the folded weight quantizers; no reconstruction"),
+        Source("RepQ-ViT code test_quant.py: one calibration batch of 32 training images"),
+        Source("RepQ-ViT code: weight quantizers initialise before their layer's input in the same forward, so every "
+               "activation sees quantized weights (isvit_viz.calib.reparam.repq_vit_calibrate)"),
+    ),
+    "softmax": Source("RepQ-ViT paper §3.3: log-sqrt2 quantizer for post-softmax activations"),
+    "softmax_kwargs": Source("RepQ-ViT code quant/quantizer.py LogSqrtQuantizer: scale candidates never include max"),
+    "post_ln": Source("RepQ-ViT paper §3.2: channel-wise post-LayerNorm quantizers, then scale reparameterization"),
+    "post_gelu": Source("RepQ-ViT code: uniform quantizer for the other activations"),
+    "weight_granularity": Source("RepQ-ViT code test_quant.py: channel-wise weights"),
+    "act_init": Source("RepQ-ViT code quant/quantizer.py: percentiles {0.999, 0.9999, 0.99999} by MSE"),
+    "weight_init": Source("RepQ-ViT code quant/quantizer.py: percentile search by MSE"),
+    "input_bits": Source("RepQ-ViT code quant/quant_modules.py: the patch-embedding input image quantized to 8 bits"),
+    "reduction_post_ln": Source("RepQ-ViT code test_quant.py lines 95-143: Swin PatchMerging reduction inputs channel-wise, folded"),
+    "weight_percentiles": Source("RepQ-ViT code: weights searched over the activation percentiles {0.999, 0.9999, 0.99999}"),
+    "first_last_bits": Source(f"RepQ-ViT code: {_SAME_BITS}"),
+    "weights.zero_point": Source("RepQ-ViT code test_quant.py: fractional mean zero-point after folding"),
+}  # fmt: skip
+
+_REPARAM_LOGSQRT2 = _renamed({
+    **_calibration_only(
+        Source("RepQ-ViT paper: calibrate, reparameterize, re-initialise weight quantizers; no reconstruction"),
         _dev("I&S-ViT's official init count (64); RepQ-ViT code calibrates on one batch of 32 images"),
         _dev("RepQ-ViT calibrates activations with quantized weights (weights, then one forward with both on); here FP weights"),
     ),
@@ -101,10 +135,30 @@ _REPQ = {
     "input_bits": _dev("image kept FP as I&S-ViT; RepQ-ViT quantizes the input image to 8 bits (method.md §2.1)"),
     "reduction_post_ln": _dev("per tensor as I&S-ViT; RepQ-ViT makes Swin reduction inputs channel-wise and folds them (method.md §4.5)"),
     "weight_percentiles": _dev("I&S-ViT's 9 weight percentiles; RepQ-ViT searches weights over the 3 activation percentiles (method.md §2.1)"),
+    "first_last_bits": Source(f"RepQ-ViT code: {_SAME_BITS}"),
     "weights.zero_point": Source("RepQ-ViT code test_quant.py: fractional mean zero-point after folding"),
-}  # fmt: skip
+}, "RepQ-ViT")  # fmt: skip
 
 _PTQ4VIT = {
+    "stages": Source("PTQ4ViT paper §3.3-3.4 and code: one Hessian-guided search of every quantizer, no reconstruction "
+                     "(isvit_viz.calib.hessian.hessian_calibrate)"),
+    "softmax": Source("PTQ4ViT paper §3.2: twin uniform quantizer for post-softmax activations (code: its own split and ranges)"),
+    "softmax_kwargs": Source("PTQ4ViT code quant_layers/matmul.py: twin-uniform softmax defaults"),
+    "post_ln": Source("PTQ4ViT: per-tensor activation quantizers (no post-LN special case)"),
+    "post_gelu": Source("PTQ4ViT paper §3.2 and code quant_layers/linear.py: twin uniform quantizer for post-GELU activations"),
+    "weight_granularity": Source("PTQ4ViT code: one weight step per tensor (qkv: one per q/k/v row block)"),
+    "act_init": Source("unused: the Hessian-guided search sets every activation step"),
+    "weight_init": Source("unused: the Hessian-guided search sets every weight step"),
+    "input_bits": Source("PTQ4ViT code: the patch-embedding input image stays FP"),
+    "reduction_post_ln": Source("PTQ4ViT: per-tensor activation quantizers"),
+    "weight_percentiles": Source("unused: the Hessian-guided search sets every weight step"),
+    "first_last_bits": Source(f"PTQ4ViT code: {_SAME_BITS}"),
+    "hessian.images": Source("PTQ4ViT code example/test_vit.py: calib_size=32"),
+    "hessian.candidates": Source("PTQ4ViT code: eq_n=100 candidate steps per search"),
+    "hessian.rounds": Source("PTQ4ViT code: search_round=3 alternations of weight and input search"),
+}  # fmt: skip
+
+_TWIN_MSE = _renamed({
     **_calibration_only(
         Source("PTQ4ViT paper §3: calibration only, no reconstruction (activations, then weights: our order)"),
         _dev("I&S-ViT's official init count (64); PTQ4ViT's code calibrates on 32 images (calib_size=32)"),
@@ -120,32 +174,95 @@ _PTQ4VIT = {
     "input_bits": Source("PTQ4ViT code: the patch-embedding input image stays FP"),
     "reduction_post_ln": Source("PTQ4ViT: per-tensor activation quantizers"),
     "weight_percentiles": _OUR_PCT,
+    "first_last_bits": Source(f"PTQ4ViT code: {_SAME_BITS}"),
+}, "PTQ4ViT")  # fmt: skip
+
+# BRECQ and QDrop are CNN methods; the ViT adaptations (quantizer placement) follow APHQ-ViT / FIMA-Q's
+# reproductions: uniform quantizers everywhere, per-tensor activations, channel-wise weights.
+_CNN_PLACEMENT = {
+    "softmax": Source("BRECQ/QDrop: uniform quantizers everywhere (CNN methods; sota-2025.md §3)"),
+    "softmax_kwargs": Source("UniformQuantizer defaults"),
+    "post_ln": Source("BRECQ/QDrop: per-tensor activation quantizers"),
+    "post_gelu": Source("BRECQ/QDrop: uniform activation quantizers"),
+    "weight_granularity": Source("BRECQ/QDrop code: channel-wise weights"),
+    "act_init": Source("BRECQ/QDrop code: activation scales initialised by an error-minimising search before reconstruction"),
+    "weight_init": _ours("BRECQ/QDrop's MSE-searched weight scales are closest to the percentile-MSE search used here"),
+    "input_bits": Source("BRECQ/QDrop: the input image is not quantized (8-bit data)"),
+    "reduction_post_ln": Source("BRECQ/QDrop: per-tensor activation quantizers"),
+    "weight_percentiles": _OUR_PCT,
+    "first_last_bits": Source("BRECQ/QDrop main_imagenet.py: first and last layers at 8 bits (weights; the head input too)"),
+}  # fmt: skip
+
+
+def _brecq_recon(stage: str, **over: Source) -> dict[str, Source]:
+    """BRECQ/QDrop reconstruction settings (their ImageNet scripts), overridable per key."""
+    base = {
+        "inputs": Source("BRECQ code data_utils.save_inp_oup_data: quantized-model inputs of the block"),
+        "weights": Source("BRECQ/QDrop: quantized weights during reconstruction"),
+        "activations": Source(f"QDrop: {_ACTS_ON} (weights and activations jointly)"),
+        "rounding": Source("BRECQ/QDrop: AdaRound (sota-2025.md §2): regulariser 0.01, beta 20 -> 2 after 20 % warm-up, Adam 1e-3"),
+        "loss": Source("BRECQ/QDrop main_imagenet.py: lp_loss with --p 2.4 (no Fisher weighting by default)"),
+        "loss_p": Source("BRECQ/QDrop main_imagenet.py: --p 2.4"),
+        "iters": Source("BRECQ/QDrop main_imagenet.py: --iters_w 20000 per block"),
+        "batch_size": Source("BRECQ/QDrop main_imagenet.py: --batch_size 32"),
+        "lr": Source("unused with AdaRound (alpha: Adam 1e-3)"),
+        "act_drop_prob": Source("BRECQ: no dropping"),
+        "act_scale_lr": Source("BRECQ: activation step sizes fixed during the weight pass"),
+        "act_scale_grad_scale": Source(_NO_GRAD_SCALE),
+    }  # fmt: skip
+    return {f"{stage}.{k}": over.get(k, v) for k, v in base.items()}
+
+
+_BRECQ = {
+    **_CNN_PLACEMENT,
+    "stages": Source("BRECQ main_imagenet.py: weight init (64 images), AdaRound block reconstruction with activations FP, "
+                     "then activation init (64 images) and a step-size pass (--act_quant)"),
+    **_brecq_recon("weight_recon", activations=Source("BRECQ main_imagenet.py: set_quant_state(True, False) for the weight pass")),
+    "calibrate.weights": Source("BRECQ: activations initialised with the reconstructed (hard-rounded) weights on"),
+    "calibrate.images": Source("BRECQ main_imagenet.py: qnn(cali_data[:64]) initialises the activation quantizers"),
+    **_brecq_recon(
+        "act_recon",
+        rounding=Source("BRECQ: weights fixed (hard AdaRound decisions) in the activation pass"),
+        iters=Source("BRECQ main_imagenet.py: --iters_a 5000"),
+        lr=Source("unused: no weight is trained in the activation pass"),
+        act_scale_lr=Source("BRECQ main_imagenet.py: --lr 4e-4, Adam on the activation step sizes, cosine to 0"),
+        act_scale_grad_scale=Source("BRECQ: plain gradient of the step size (no LSQ gradient scale)"),
+    ),
 }  # fmt: skip
 
 _QDROP = {
+    **_CNN_PLACEMENT,
+    "stages": Source("QDrop paper §3 / code: calibrate weights then activations, one block-wise reconstruction of both"),
+    "calibrate.weights": Source("QDrop code: set_weight_quantize_params before set_act_quantize_params"),
+    "calibrate.images": Source("QDrop code set_act_quantize_params: the first batch of 256 calibration images"),
+    **_brecq_recon(
+        "reconstruct",
+        inputs=Source("QDrop paper §3.2: block input mixes quantized and FP inputs element-wise, p = 0.5 (Mix(0.5))"),
+        act_drop_prob=Source("QDrop paper §3: drop probability p = 0.5 on every quantized activation, fresh mask every step"),
+        act_scale_lr=Source("QDrop code solver/recon.py: LSQ step sizes learned jointly, Adam 4e-5, cosine to 0"),
+        act_scale_grad_scale=Source("QDrop code LSQFakeQuantize: gradient scaled by 1 / sqrt(N * Qp)"),
+    ),
+}  # fmt: skip
+
+_QDROP_STE = _renamed({
     "stages": Source("QDrop paper §3 / BRECQ: calibrate, then one block-wise reconstruction with quantized weights"),
-    "softmax": Source("QDrop: uniform quantizers everywhere (a CNN method; sota-2025.md §3)"),
-    "softmax_kwargs": Source("UniformQuantizer defaults"),
-    "post_ln": Source("QDrop: per-tensor activation quantizers"),
-    "post_gelu": Source("QDrop: uniform activation quantizers"),
-    "weight_granularity": Source("QDrop code: channel-wise weights"),
-    "act_init": Source("QDrop code: activation scales initialised by an error-minimising search before reconstruction"),
-    "weight_init": _ours("QDrop's MSE-searched weight scales are closest to the percentile-MSE search used here"),
-    "input_bits": _dev("image kept FP as I&S-ViT; QDrop keeps the first and last layers at 8 bits (sota-2025.md §3)"),
-    "reduction_post_ln": Source("QDrop: per-tensor activation quantizers"),
-    "weight_percentiles": _OUR_PCT,
-    "calibrate.weights_first": Source("BRECQ/QDrop: weight quantizers initialised before the activation calibration"),
-    "calibrate.images": _ours("it matches isvit's init count; QDrop initialises on its 1024 calibration images"),
+    **{k: v for k, v in _CNN_PLACEMENT.items() if k != "first_last_bits"},
+    "first_last_bits": _dev(f"{_SAME_BITS}; QDrop keeps them at 8 bits"),
+    "calibrate.weights": Source("BRECQ/QDrop: weight quantizers initialised before the activation calibration"),
+    "calibrate.images": Source("QDrop code set_act_quantize_params: the first batch of 256 calibration images"),
     "reconstruct.inputs": _dev("quantized-model inputs; QDrop mixes FP and quantized unit inputs with p = 0.5 (Mix(0.5))"),
     "reconstruct.weights": Source("QDrop/BRECQ: quantized weights during reconstruction"),
+    "reconstruct.activations": Source(f"QDrop: {_ACTS_ON}"),
     "reconstruct.rounding": _dev("weights trained through STE; QDrop learns AdaRound rounding (sota-2025.md §2-3)"),
-    "reconstruct.loss": Source("QDrop: block-wise MSE (BRECQ's Fisher weighting is optional)"),
+    "reconstruct.loss": _dev("squared error (I&S-ViT's lp_loss, p = 2); QDrop's script uses p = 2.4"),
+    "reconstruct.loss_p": _dev("2; QDrop: 2.4"),
     "reconstruct.iters": _dev(_RUN_ITERS + "; QDrop: 20,000 iterations per block"),
     "reconstruct.batch_size": _dev(_RUN_BATCH + "; QDrop: batch 32"),
     "reconstruct.lr": Source(_RUN_LR + " (for the STE weights; QDrop's AdaRound lr 1e-3 does not apply)"),
     "reconstruct.act_drop_prob": Source("QDrop paper §3: drop probability p = 0.5, fresh mask every step"),
     "reconstruct.act_scale_lr": _dev("activation step sizes fixed; QDrop learns them (LSQ, Adam 4e-5; sota-2025.md §2-3)"),
-}  # fmt: skip
+    "reconstruct.act_scale_grad_scale": Source(_NO_GRAD_SCALE),
+}, "QDrop")  # fmt: skip
 
 _MINMAX_WHY = "min/max per tensor is the textbook baseline every method here should beat"
 _MINMAX = {
@@ -156,6 +273,7 @@ _MINMAX = {
     "input_bits": _ours("the image stays FP, as in I&S-ViT"),
     "reduction_post_ln": _ours(_MINMAX_WHY),
     "weight_percentiles": Source("unused: min/max initialisation has no percentile search"),
+    "first_last_bits": _ours(_MINMAX_WHY),
 }  # fmt: skip
 
 #: Registered method name -> setting key -> source.
@@ -185,8 +303,12 @@ PROVENANCE: dict[str, dict[str, Source]] = {
         zero_point=Source("I&S-ViT paper Eq. 15 (z~ = mean z) and official code test_quant.py 'Stage Two': fractional mean"),
     ),  # fmt: skip
     "repq-vit": _REPQ,
+    "reparam-logsqrt2": _REPARAM_LOGSQRT2,
     "ptq4vit": _PTQ4VIT,
+    "twin-uniform-mse": _TWIN_MSE,
+    "brecq": _BRECQ,
     "qdrop": _QDROP,
+    "qdrop-ste": _QDROP_STE,
     "minmax": _MINMAX,
 }
 
@@ -209,7 +331,7 @@ def ablation_no_sos(prov: Mapping[str, Source], stage3: str) -> dict[str, Source
     why = "ablation sos=False (I&S-ViT paper Table 3 'without SOS'; our reading, method.md §5.15)"
     out["stages"] = Source(f"{why}: one reconstruction with quantized weights", deviation=True)
     out["post_ln"] = Source(f"{why}: layer-wise post-LN activations", deviation=True)
-    out["calibrate.weights_first"] = Source(f"{why}: weights calibrated first, as a single-stage BRECQ-style run", deviation=True)
+    out["calibrate.weights"] = Source(f"{why}: weights calibrated first, as a single-stage BRECQ-style run", deviation=True)
     for key, src in prov.items():
         if key.startswith(f"{stage3}."):
             out["reconstruct." + key.split(".", 1)[1]] = src

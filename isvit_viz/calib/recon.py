@@ -9,6 +9,11 @@ Two ways to train the weights (``ReconConfig.rounding``):
   the weight-quantized layers learn (Adam(alpha_lr), no schedule, as the authors' code), with loss
   ``rec + round_weight * sum(1 - |2h - 1|^beta)``; the hard decisions are baked into the weights at
   the end (:mod:`isvit_viz.quant.adaround`).
+* ``"fixed"`` (BRECQ's activation pass): no weight is trained; only the activation step sizes learn
+  (needs ``act_scale_lr``).
+
+The loss is the official ``lp_loss``: ``|error| ** loss_p`` summed over the token axis and averaged
+over the rest (``loss_p`` 2: I&S-ViT; 2.4: BRECQ and QDrop's ImageNet scripts).
 
 QDrop options, usable with either: ``act_drop_prob`` keeps each element of every quantized activation
 inside the unit FP with that probability (fresh mask each step), and ``input_mix`` does the same to the
@@ -38,7 +43,7 @@ from ..quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule, 
 from ..quant.uniform import UniformQuantizer
 from .cache import TensorCache
 
-ROUNDINGS = ("ste", "adaround")
+ROUNDINGS = ("ste", "adaround", "fixed")
 #: Smallest learned activation step size (QDrop's ``LSQFakeQuantize`` clamps to float32 eps).
 SCALE_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -61,7 +66,8 @@ class ReconConfig:
         input_mix: QDrop: probability that an element of the unit's input is the FP-teacher input
             instead of the quantized-model input (needs ``fp_inputs``). QDrop uses 0.5.
         matmul_dtype: ``"bfloat16"``: matmuls in bf16 during reconstruction only (speed option).
-        rounding: ``"ste"`` or ``"adaround"`` (module docstring).
+        rounding: ``"ste"``, ``"adaround"`` or ``"fixed"`` (module docstring).
+        loss_p: exponent of the reconstruction error (2: squared error).
         alpha_lr: Adam learning rate of AdaRound's alpha (1e-3, BRECQ/QDrop: Adam's default).
         round_weight: weight of the rounding regulariser (0.01, BRECQ/QDrop).
         round_warmup: fraction of ``iters`` without regulariser (0.2, BRECQ/QDrop).
@@ -85,13 +91,14 @@ class ReconConfig:
     round_beta: tuple[float, float] = (20.0, 2.0)
     act_scale_lr: float | None = None
     act_scale_grad_scale: bool = True
+    loss_p: float = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"iters must be an int >= 0, got {self.iters!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        for name in ("lr", "alpha_lr"):
+        for name in ("lr", "alpha_lr", "loss_p"):
             v = getattr(self, name)
             if not (v > 0 and v < float("inf")):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
@@ -109,6 +116,8 @@ class ReconConfig:
         lr_a = self.act_scale_lr
         if lr_a is not None and (isinstance(lr_a, bool) or not isinstance(lr_a, (int, float)) or not 0 < lr_a < float("inf")):
             raise ValueError(f"act_scale_lr must be None or a positive finite number, got {lr_a!r}")
+        if self.rounding == "fixed" and lr_a is None:
+            raise ValueError("rounding='fixed' trains no weights: set act_scale_lr so the activation step sizes learn")
 
 
 def trainable_parameters(unit: nn.Module) -> list[nn.Parameter]:
@@ -162,15 +171,16 @@ def channels_last_output(unit: nn.Module) -> bool:
     return not isinstance(unit, (QuantConv2d, nn.Conv2d))
 
 
-def recon_loss(pred: torch.Tensor, target: torch.Tensor, tokens_last: bool = False) -> torch.Tensor:
-    """Official ``lp_loss``: squared error summed over dim 1, averaged over the rest.
+def recon_loss(pred: torch.Tensor, target: torch.Tensor, tokens_last: bool = False, p: float = 2.0) -> torch.Tensor:
+    """Official ``lp_loss``: ``|pred - target| ** p`` summed over dim 1, averaged over the rest.
 
     ``tokens_last``: NHWC outputs (timm Swin blocks and PatchMerging) are flattened to [B, HW, C]
     first so dim 1 is the token axis, as for ViT blocks and for the official code's [B, L, C] Swin.
     """
     if tokens_last and pred.dim() == 4:
         pred, target = pred.flatten(1, 2), target.flatten(1, 2)
-    return (pred - target).pow(2).sum(1).mean()
+    err = (pred - target).pow(2) if p == 2 else (pred - target).abs().pow(p)
+    return err.sum(1).mean()
 
 
 def _rounding_loss(alphas: list[nn.Module], cfg: ReconConfig, count: int) -> torch.Tensor | None:
@@ -241,6 +251,8 @@ def reconstruct_unit(
     if tokens_last is None:
         tokens_last = channels_last_output(unit)
     adaround = cfg.rounding == "adaround"
+    if cfg.rounding == "fixed" and not act_scale_quantizers(unit):
+        raise ValueError("rounding='fixed' needs activation-quantized uniform quantizers in the unit to learn")
     if adaround and not adaround_layers(unit):
         raise ValueError("rounding='adaround' needs weight-quantized layers in the unit (set_quant_state(weight=True))")
     saved = [(p, p.requires_grad) for p in unit.parameters()]
@@ -257,7 +269,7 @@ def reconstruct_unit(
     ok = False
     try:
         alphas, opt, sched = _weight_optimiser(unit, cfg)
-        steps = [(opt, sched)]
+        steps = [] if opt is None else [(opt, sched)]
         scales = _scale_optimiser(act_qs, cfg, steps)
         out = _optimise(
             unit, inputs, targets, fp_inputs, cfg, device, generator, tokens_last, steps, scales, alphas, desc, progress
@@ -290,8 +302,11 @@ def _scale_change(quantizers: list[UniformQuantizer], before: list[torch.Tensor]
 
 def _weight_optimiser(
     unit: nn.Module, cfg: ReconConfig
-) -> tuple[list[nn.Module], torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """AdaRound alphas (attached here), and the optimiser and schedule of the weights or alphas."""
+) -> tuple[list[nn.Module], torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None]:
+    """AdaRound alphas (attached here), and the optimiser and schedule of the weights or alphas
+    (``None`` with ``rounding="fixed"``)."""
+    if cfg.rounding == "fixed":
+        return [], None, None
     if cfg.rounding == "adaround":
         alphas = attach_adaround(unit)
         return alphas, torch.optim.Adam([a.alpha for a in alphas], lr=cfg.alpha_lr), None
@@ -340,7 +355,7 @@ def _optimise(
         for it in tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False):
             idx = torch.randperm(inputs.n, generator=generator)[: cfg.batch_size].sort().values
             x = _batch(inputs, fp_inputs, idx, cfg.input_mix, device)
-            rec = recon_loss(unit(x), targets.gather(idx, device), tokens_last)
+            rec = recon_loss(unit(x), targets.gather(idx, device), tokens_last, cfg.loss_p)
             rnd = _rounding_loss(alphas, cfg, it + 1)
             loss = rec if rnd is None else rec + rnd
             for opt, _ in steps:

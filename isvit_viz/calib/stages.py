@@ -20,10 +20,15 @@ from typing import Any
 INPUTS = ("fp", "quantized")
 #: Weight state of the model during a reconstruction.
 WEIGHTS = ("fp", "quantized")
-#: How weights are trained (``isvit_viz.calib.recon.ROUNDINGS``).
-ROUNDINGS = ("ste", "adaround")
-#: Reconstruction losses: ``"mse"`` is the official ``lp_loss`` (squared error summed over dim 1).
-LOSSES = ("mse",)
+#: Activation state of the model during a reconstruction.
+ACTIVATIONS = ("quantized", "fp")
+#: How weights are trained (``isvit_viz.calib.recon.ROUNDINGS``); ``"fixed"``: not at all.
+ROUNDINGS = ("ste", "adaround", "fixed")
+#: Reconstruction losses: ``"mse"`` is the official ``lp_loss`` (squared error summed over dim 1);
+#: ``"lp"`` the same with ``|error| ** loss_p`` (BRECQ / QDrop: p = 2.4).
+LOSSES = ("mse", "lp")
+#: Weight state during a :class:`Calibrate` pass.
+CALIBRATE_WEIGHTS = ("fp", "calibrate", "quantized")
 #: Layer-wise zero-point after reparameterization: ``"round"`` (integer mean, exact) or ``"mean"``.
 ZERO_POINTS = ("round", "mean")
 
@@ -58,14 +63,16 @@ class Calibrate(Stage):
     """Initialise the activation quantizers with one forward pass (quantizer percentile/MSE searches).
 
     Attributes:
-        weights_first: calibrate the weight quantizers first and keep weight quantization on during
-            the activation pass (BRECQ/QDrop style); otherwise weights stay FP (I&S-ViT stage 1).
+        weights: the weights during the activation pass: ``"fp"`` (I&S-ViT stage 1), ``"calibrate"``
+            (calibrate the weight quantizers first and quantize with them: QDrop, RepQ-ViT) or
+            ``"quantized"`` (keep the current, already calibrated weight quantizers, e.g. BRECQ's
+            activation pass after AdaRound).
         images: the first ``images`` calibration images are used; ``None``: all of them.
     """
 
     name: str = "calibrate"
     event: str | None = "calibrated"
-    weights_first: bool = False
+    weights: str = "fp"
     images: int | None = 256
 
 
@@ -77,26 +84,36 @@ class Reconstruct(Stage):
         inputs: ``"fp"`` (the FP teacher's unit inputs: units learn independently), ``"quantized"``
             (the current quantized model's: sequential, BRECQ style) or :class:`Mix`.
         weights: ``"fp"`` (weight quantization off) or ``"quantized"`` (on; needs calibrated weight
-            quantizers: :class:`Calibrate` with ``weights_first`` or :class:`Requantize` before).
-        rounding: ``"ste"`` (latent FP weights trained through the fake quantizer) or ``"adaround"``.
-        loss: ``"mse"``.
-        iters / batch_size / lr: Adam steps per unit, mini-batch, learning rate; ``None`` takes the
-            ``quantize()`` argument (``iters=None`` there: 1000, 200 at >= 6-bit activations).
+            quantizers: :class:`Calibrate` with ``weights="calibrate"`` or :class:`Requantize` before).
+        activations: ``"quantized"`` (needs a :class:`Calibrate` before) or ``"fp"`` (activation
+            quantization off: BRECQ's weight pass).
+        rounding: ``"ste"`` (latent FP weights trained through the fake quantizer), ``"adaround"`` or
+            ``"fixed"`` (weights not trained: only the activation step sizes learn, BRECQ's activation pass).
+        loss / loss_p: ``"mse"`` (squared error summed over the token axis) or ``"lp"`` (``|error| ** loss_p``).
+        iters / batch_size / lr: Adam steps per unit, mini-batch, learning rate of STE weights; ``None``
+            takes the run default (``quantize()``: 1000 steps, 200 at >= 6-bit activations; batch 64;
+            lr 4e-5). ``quantize(iters=..., batch_size=..., lr=...)`` given explicitly overrides every
+            stage (one matched budget for all methods).
         act_drop_prob: QDrop: probability that an element of a quantized activation stays FP.
         act_scale_lr: ``None``: activation step sizes stay fixed (I&S-ViT). A number: Adam learning
-            rate of the uniform activation quantizers' step sizes (LSQ, QDrop: 4e-5).
+            rate of the uniform activation quantizers' step sizes (LSQ, QDrop: 4e-5, BRECQ: 4e-4).
+        act_scale_grad_scale: multiply the step-size gradient by LSQ's ``1 / sqrt(N * Qp)`` (QDrop) or
+            not (BRECQ).
     """
 
     name: str = "reconstruct"
     inputs: str | Mix = "quantized"
     weights: str = "quantized"
+    activations: str = "quantized"
     rounding: str = "ste"
     loss: str = "mse"
+    loss_p: float = 2.0
     iters: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     act_drop_prob: float = 0.0
     act_scale_lr: float | None = None
+    act_scale_grad_scale: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,9 +133,30 @@ class Reparameterize(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class Requantize(Stage):
-    """Calibrate every weight quantizer on the current weights and switch weight quantization on."""
+    """Calibrate every weight quantizer on the current weights and switch weight quantization on
+    (activation quantization is left as it is)."""
 
     name: str = "requantize"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HessianCalibrate(Stage):
+    """PTQ4ViT's Hessian-guided search of every weight and activation step
+    (:func:`isvit_viz.calib.hessian.hessian_calibrate`); leaves both quantizations on.
+
+    Needs PTQ4ViT's placement (layer-wise post-LN, uniform or PTQ4ViT twin-uniform inputs) and must
+    not be followed by a stage that recalibrates (it would overwrite the searched steps).
+
+    Attributes:
+        images: the first ``images`` calibration images (PTQ4ViT: 32); ``None``: all of them.
+        candidates / rounds: step candidates per search and weight/input alternations (PTQ4ViT: 100, 3).
+    """
+
+    name: str = "hessian"
+    event: str | None = "calibrated"
+    images: int | None = 32
+    candidates: int = 100
+    rounds: int = 3
 
 
 def stage_dict(stage: Stage) -> dict[str, Any]:
@@ -144,6 +182,7 @@ class _StageChecker:
         self.channel_post_ln = channel_post_ln
         self.acts_calibrated = False
         self.weights_calibrated = False  # and still valid for the current weights
+        self.hessian = False
         self.where = ""
 
     def fail(self, field: str, why: str) -> ValueError:
@@ -151,28 +190,54 @@ class _StageChecker:
 
     def check(self, i: int, stage: Any) -> None:
         if not isinstance(stage, Stage):
-            raise ValueError(f"stages[{i}]: {stage!r} is not a stage (Calibrate, Reconstruct, Reparameterize, Requantize)")
+            raise ValueError(f"stages[{i}]: {stage!r} is not a stage (Calibrate, Reconstruct, Reparameterize, Requantize, "
+                             "HessianCalibrate)")  # fmt: skip
         self.where = f"stages[{i}] ({type(stage).__name__} {stage.name!r})"
         if not isinstance(stage.name, str) or not stage.name:
             raise self.fail("name", f"must be a non-empty string, got {stage.name!r}")
         if stage.event is not None and not isinstance(stage.event, str):
             raise self.fail("event", f"must be a string or None, got {stage.event!r}")
         for kind, check in ((Calibrate, self._calibrate), (Reconstruct, self._reconstruct),
-                            (Reparameterize, self._reparameterize), (Requantize, self._requantize)):  # fmt: skip
+                            (Reparameterize, self._reparameterize), (Requantize, self._requantize),
+                            (HessianCalibrate, self._hessian)):  # fmt: skip
             if isinstance(stage, kind):
                 check(stage)
 
+    def _images(self, images: Any) -> None:
+        if images is not None and not (_is_int(images) and images >= 1):
+            raise self.fail("images", f"must be None or an int >= 1, got {images!r}")
+
     def _calibrate(self, s: Calibrate) -> None:
-        if not isinstance(s.weights_first, bool):
-            raise self.fail("weights_first", f"must be True or False, got {s.weights_first!r}")
-        if s.images is not None and not (_is_int(s.images) and s.images >= 1):
-            raise self.fail("images", f"must be None or an int >= 1, got {s.images!r}")
+        if self.hessian:
+            raise self.fail("stage order", "Calibrate after HessianCalibrate would overwrite the searched steps")
+        if s.weights not in CALIBRATE_WEIGHTS:
+            raise self.fail("weights", f"must be one of {CALIBRATE_WEIGHTS}, got {s.weights!r}")
+        if s.weights == "quantized" and not self.weights_calibrated:
+            raise self.fail("weights", "'quantized' needs calibrated weight quantizers: a Requantize stage before "
+                                       "(after any Reparameterize), or weights='calibrate'")  # fmt: skip
+        self._images(s.images)
         self.acts_calibrated = True
-        self.weights_calibrated = self.weights_calibrated or s.weights_first
+        self.weights_calibrated = self.weights_calibrated or s.weights == "calibrate"
+
+    def _hessian(self, s: HessianCalibrate) -> None:
+        self._images(s.images)
+        for name in ("candidates", "rounds"):
+            if not (_is_int(getattr(s, name)) and getattr(s, name) >= 1):
+                raise self.fail(name, f"must be an int >= 1, got {getattr(s, name)!r}")
+        if self.acts_calibrated or self.weights_calibrated:
+            raise self.fail("stage order", "HessianCalibrate searches every quantizer itself; it must be the first "
+                                           "calibrating stage")  # fmt: skip
+        self.acts_calibrated = self.weights_calibrated = True
+        self.hessian = True
 
     def _reconstruct(self, s: Reconstruct) -> None:
-        if not self.acts_calibrated:
-            raise self.fail("stage order", "reconstruction before calibration; put a Calibrate stage first")
+        if s.activations not in ACTIVATIONS:
+            raise self.fail("activations", f"must be one of {ACTIVATIONS}, got {s.activations!r}")
+        if s.activations == "quantized" and not self.acts_calibrated:
+            raise self.fail("stage order", "reconstruction before calibration; put a Calibrate stage first "
+                                           "(or activations='fp')")  # fmt: skip
+        if s.activations == "fp" and s.weights == "fp":
+            raise self.fail("activations", "with weights='fp' and activations='fp' nothing is quantized")
         if isinstance(s.inputs, Mix):
             p = s.inputs.p
             if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1):
@@ -185,6 +250,10 @@ class _StageChecker:
             raise self.fail("rounding", f"unknown rounding {s.rounding!r}; valid: {ROUNDINGS}")
         if s.loss not in LOSSES:
             raise self.fail("loss", f"unknown loss {s.loss!r}; valid: {LOSSES}")
+        if not _positive(s.loss_p) or (s.loss == "mse" and s.loss_p != 2.0):
+            raise self.fail("loss_p", f"must be a positive finite number (2 with loss='mse'), got {s.loss_p!r}")
+        if not isinstance(s.act_scale_grad_scale, bool):
+            raise self.fail("act_scale_grad_scale", f"must be True or False, got {s.act_scale_grad_scale!r}")
         if s.iters is not None and not (_is_int(s.iters) and s.iters >= 0):
             raise self.fail("iters", f"must be None or an int >= 0, got {s.iters!r}")
         if s.batch_size is not None and not (_is_int(s.batch_size) and s.batch_size >= 1):
@@ -198,9 +267,12 @@ class _StageChecker:
             raise self.fail("act_drop_prob", f"must be a probability in [0, 1], got {p!r}")
         if s.weights == "quantized" and not self.weights_calibrated:
             raise self.fail("weights", "'quantized' needs calibrated weight quantizers: a Requantize stage before "
-                                       "(after any Reparameterize) or Calibrate(weights_first=True)")  # fmt: skip
+                                       "(after any Reparameterize) or Calibrate(weights='calibrate')")  # fmt: skip
         if s.rounding == "adaround" and s.weights != "quantized":
             raise self.fail("rounding", "'adaround' learns the rounding of quantized weights; it needs weights='quantized'")
+        if s.rounding == "fixed" and (s.act_scale_lr is None or s.activations != "quantized"):
+            raise self.fail("rounding", "'fixed' trains no weights, so it needs quantized activations whose step "
+                                        "sizes learn (activations='quantized', act_scale_lr)")  # fmt: skip
 
     def _reparameterize(self, s: Reparameterize) -> None:
         if not self.acts_calibrated:
@@ -213,6 +285,8 @@ class _StageChecker:
         self.weights_calibrated = False  # the folded weights changed: their quantizers are stale
 
     def _requantize(self, s: Requantize) -> None:
+        if self.hessian:
+            raise self.fail("stage order", "Requantize after HessianCalibrate would overwrite the searched weight steps")
         self.weights_calibrated = True
 
 
@@ -224,7 +298,8 @@ def check_stages(stages: Any, channel_post_ln: bool) -> tuple[Stage, ...]:
 
     Raises:
         ValueError: naming the stage (``stages[i] (Type 'name')``) and the field, for an empty list,
-            a reconstruction or reparameterization before calibration, ``Reparameterize`` with
+            a reconstruction (with quantized activations) or reparameterization before calibration, a
+            recalibration after :class:`HessianCalibrate`, ``Reparameterize`` with
             layer-wise post-LN quantizers, unknown input / weight / loss / rounding names, negative
             iterations, ``Mix(p)`` outside (0, 1), quantized weights without calibrated weight
             quantizers, or two stages repeating one setting key (same name and field).

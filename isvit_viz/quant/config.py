@@ -33,6 +33,9 @@ class QuantConfig:
             (default, I&S-ViT) or ``"channel"`` (RepQ-ViT; folded into ``norm`` by reparameterization).
         weight_percentiles: candidate list of the weight percentile search; ``None`` = ``WEIGHT_PERCENTILES``
             (I&S-ViT's 9 values), RepQ-ViT uses ``ACT_PERCENTILES`` (0.999, 0.9999, 0.99999).
+        first_last_bits: bit-width of the first and last layers (the patch-embedding weights, the head
+            weights and the head input), as BRECQ and QDrop keep them (8); ``None`` (default): ``w_bits``
+            / ``a_bits`` like every other layer, as I&S-ViT.
     """
 
     w_bits: int = 4
@@ -47,12 +50,17 @@ class QuantConfig:
     input_bits: int | None = None
     reduction_post_ln: str = "layer"
     weight_percentiles: tuple[float, ...] | None = None
+    first_last_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits)
         check_bits(self.a_bits)
-        if self.input_bits is not None:
-            check_bits(self.input_bits)
+        for name in ("input_bits", "first_last_bits"):
+            if getattr(self, name) is not None:
+                try:
+                    check_bits(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         if self.softmax not in QUANTIZERS and self.softmax != PTQ4VIT_TWIN:
             raise ValueError(f"unknown softmax quantizer {self.softmax!r}; valid: {sorted(QUANTIZERS) + [PTQ4VIT_TWIN]}")
         if self.weight_percentiles is not None:  # a JSON round trip gives a list

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..models.support import UnsupportedModelError, check_supported, post_ln_links  # noqa: F401 (re-exported: raised here)
+from ..models.support import HEAD_LINEARS, UnsupportedModelError, check_supported, post_ln_links  # noqa: F401 (re-exported: raised here)
 from .base import Quantizer
 from .config import PTQ4VIT_TWIN, QuantConfig
 from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantModule, QuantWindowAttention
@@ -39,14 +39,14 @@ def supported_model(model: nn.Module) -> str:
     return check_supported(model)
 
 
-def _act_quantizer(cfg: QuantConfig, channel_wise: bool = False) -> UniformQuantizer:
-    return UniformQuantizer(cfg.a_bits, channel_axis=-1 if channel_wise else None, init=cfg.act_init)
+def _act_quantizer(cfg: QuantConfig, channel_wise: bool = False, bits: int | None = None) -> UniformQuantizer:
+    return UniformQuantizer(bits or cfg.a_bits, channel_axis=-1 if channel_wise else None, init=cfg.act_init)
 
 
-def _weight_quantizer(cfg: QuantConfig) -> UniformQuantizer:
+def _weight_quantizer(cfg: QuantConfig, bits: int | None = None) -> UniformQuantizer:
     axis = 0 if cfg.weight_granularity == "channel" else None
     pcts = WEIGHT_PERCENTILES if cfg.weight_percentiles is None else cfg.weight_percentiles
-    return UniformQuantizer(cfg.w_bits, channel_axis=axis, init=cfg.weight_init, percentiles=pcts)
+    return UniformQuantizer(bits or cfg.w_bits, channel_axis=axis, init=cfg.weight_init, percentiles=pcts)
 
 
 def _softmax_quantizer(cfg: QuantConfig) -> Quantizer:
@@ -85,7 +85,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     qkv/fc1, when ``cfg.post_ln == "channel"``, and for a Swin PatchMerging reduction when
     ``cfg.reduction_post_ln == "channel"``; ``cfg.post_gelu`` for fc2); the patch-embedding conv gets a
     weight quantizer, and a per-tensor ``cfg.input_bits`` quantizer on the image when that is set; both
-    attention matmuls get operand quantizers, with ``cfg.softmax`` on the post-softmax operand.
+    attention matmuls get operand quantizers, with ``cfg.softmax`` on the post-softmax operand. With
+    ``cfg.first_last_bits`` the patch-embedding weights and the head's weights and input use that width.
     Quantization starts switched off (see :func:`set_quant_state`), so the model still computes FP.
 
     Raises:
@@ -100,6 +101,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     kind = check_supported(model)  # validate everything before changing anything
     post_ln = {lin for _, _, lin in post_ln_links(model)}
     reductions = {lin for _, lin in patch_merging_links(model)}
+    edge = cfg.first_last_bits  # None: every layer at w_bits / a_bits
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (Attention, WindowAttention)):
@@ -123,11 +125,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             elif leaf == "fc2" and cfg.post_gelu == PTQ4VIT_TWIN:
                 aq = PTQ4ViTGeluQuantizer(cfg.a_bits)
             else:
-                aq = _act_quantizer(cfg)
-            _set_submodule(model, name, QuantLinear(mod, _weight_quantizer(cfg), aq))
+                aq = _act_quantizer(cfg, bits=edge if name in HEAD_LINEARS else None)
+            wq = _weight_quantizer(cfg, bits=edge if name in HEAD_LINEARS else None)
+            _set_submodule(model, name, QuantLinear(mod, wq, aq))
         elif isinstance(mod, nn.Conv2d):
             iq = None if cfg.input_bits is None else UniformQuantizer(cfg.input_bits, init=cfg.act_init)
-            _set_submodule(model, name, QuantConv2d(mod, _weight_quantizer(cfg), iq))
+            _set_submodule(model, name, QuantConv2d(mod, _weight_quantizer(cfg, bits=edge), iq))
     model.isvit_quant_kind = kind  # type: ignore[attr-defined]
     return model
 
