@@ -28,7 +28,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="*", default=["vit", "swin"])
     p.add_argument("--methods", nargs="*", default=sorted(METHODS))
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="Adam steps per unit and stage for every method (a matched budget); default: each method's own",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="reconstruction mini-batch for every method; default: each method's own (smaller calibration sets cap it)",
+    )
+    p.add_argument("--checkpoint-root", type=Path, default=None,
+                   help="checkpoint every run under DIR/<model>/<method>_w<b>a<b>_s<seed>; a rerun resumes it (long runs)")  # fmt: skip
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--test", type=int, default=None)
     p.add_argument("--bits", nargs="*", type=int, default=[3, 4, 6])
@@ -53,13 +66,25 @@ def main(argv: list[str] | None = None) -> None:
             [4],
         )
     if args.sweep is not None:  # the same grid, one cell per Ray task, into a resumable folder
-        from isvit_viz.sweep import SweepSpec, run_sweep, sweep_report
+        import sys
+
+        from isvit_viz.sweep import SweepSpec
+        from isvit_viz.sweep.command import run_and_report
 
         spec = SweepSpec(models=args.models, methods=args.methods, bits=args.bits, seeds=args.seeds, calib=args.calib,
                          iters=args.iters, test=args.test, device=args.device, threads=args.threads,
                          matmul_dtype=args.matmul_dtype, softmax_quantizer=args.softmax_quantizer, sos=not args.no_sos)  # fmt: skip
-        run_sweep(spec, args.sweep, address=args.address)
-        print(sweep_report(args.sweep))
+        try:  # exit statuses as `isvit-viz sweep`: 1 when a cell failed, 2 (one line) for bad input, 130 on Ctrl-C
+            status = run_and_report(spec, args.sweep, address=args.address)
+        except KeyboardInterrupt:
+            print("benchmarks.accuracy: interrupted (rerun the same command to resume)", file=sys.stderr)
+            raise SystemExit(130) from None
+        except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"benchmarks.accuracy: error: {msg}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if status:
+            raise SystemExit(status)
         return
     rows, raw = [], []
     for name in args.models:
@@ -71,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             return splits.calib_tensors(args.calib, seed=seed)[0]
 
         recs = run_grid(model, calib, splits.test(args.test), args.methods,
-                        [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds, batch_size=min(64, args.calib),
+                        [(b, b) for b in args.bits], iters=args.iters, seeds=args.seeds,
+                        batch_size=args.batch_size or (None if args.calib >= 64 else args.calib),
+                        checkpoint_root=None if args.checkpoint_root is None else args.checkpoint_root / name,
                         device=args.device, matmul_dtype=args.matmul_dtype, softmax_quantizer=args.softmax_quantizer, sos=not args.no_sos)  # fmt: skip
         raw += [{"model": name, **r} for r in recs]
         for m in args.methods:

@@ -10,7 +10,10 @@ For each bit-width: I&S-ViT (paper-mode SULQ) with calibration + SOS reparameter
   attention (shift path, int8-GEMM path) in every block;
 * op counts per image; CPU time (one thread) of the attention core of block 0.
 
-    nice -n 5 python -m benchmarks.integer_attention          # writes benchmarks/results/integer_attention.json
+The Markdown next to the JSON holds all four tables (:func:`isvit_viz.integer.results.render_markdown`).
+
+    nice -n 5 python -m benchmarks.integer_attention          # writes benchmarks/results/integer_attention.{json,md}
+    python -m benchmarks.integer_attention --render-only      # rewrites only the .md from the existing JSON
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ import isvit_viz as iv
 from isvit_viz import integer
 from isvit_viz.integer.export import attention_blocks
 from isvit_viz.integer.ops import multiplies_replaced, pv_shifts
+from isvit_viz.integer.results import LAYER_MD_COLS, render_markdown
 from isvit_viz.integer.sulq_codes import count_mismatches
+from isvit_viz.utils import atomic_write_bytes
 
 from ._common import parser, write
 
 COMMAND = "nice -n 5 python -m benchmarks.integer_attention"
+NAME = "integer_attention"
 
 
 def run_bits(model, splits, bits: int, args, test_loader, layer_x: torch.Tensor) -> tuple[dict, list[dict]]:
@@ -58,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--bits", type=str, default="4,3")
+    p.add_argument("--render-only", action="store_true", help="rewrite OUT/integer_attention.md from OUT/integer_attention.json")
     args = p.parse_args(argv)
+    if args.render_only:
+        render(args.out)
+        return
     if args.smoke:
         args.calib, args.test, args.layer_images, args.time_batch, args.repeats, args.bits = 64, 64, 16, 8, 1, "4"
     torch.set_num_threads(args.threads)
@@ -88,9 +98,15 @@ def main(argv: list[str] | None = None) -> None:
                 "model_source": "quantized in this run: calibration + SOS reparameterization, no reconstruction"}  # fmt: skip
     payload = {"settings": settings, "command": COMMAND + (" --smoke" if args.smoke else ""), "models": models,
                "op_counts": ops, "timing": timing, "wall_s": time.perf_counter() - t_start}  # fmt: skip
-    cols = ["bits", "layer", "sqnr_fake_vs_fp", "sqnr_int_vs_fp", "sqnr_gemm_vs_fp", "sqnr_int_vs_fake", "sqnr_int_fsm_vs_fake",
-            "sqnr_gemm_vs_fake", "exp_mismatch", "pv_bit_exact", "table_mismatches", "eta", "frac_bits", "exp_table_len", "int8_frac_bits"]  # fmt: skip
-    write("integer_attention", args.out, payload, rows, cols)
+    write(NAME, args.out, payload, rows, list(LAYER_MD_COLS))
+    render(args.out)  # write() puts only the layer table in the .md; add end to end, op counts, timing
+
+
+def render(out: Path) -> Path:
+    """Rewrite ``out/integer_attention.md`` with all four tables from ``out/integer_attention.json``."""
+    md = render_markdown(integer.load_results(out / f"{NAME}.json"), NAME)
+    atomic_write_bytes(out / f"{NAME}.md", md.encode())
+    return out / f"{NAME}.md"
 
 
 if __name__ == "__main__":

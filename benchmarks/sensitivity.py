@@ -14,7 +14,7 @@ N = 256 analysis images: about 2.3 s of CPU per image (one thread: ~290 passes o
 per-quantizer analysis, ~85 for the sweeps, <= 30 configurations per mixed-precision search) plus
 ~1 min of recalibration passes, so about 10-11 min of one core per method.
 
-python -m benchmarks.sensitivity [--smoke] [--methods isvit repq-vit] [--n-test 256] [--val 2000]
+python -m benchmarks.sensitivity [--smoke] [--methods isvit reparam-logsqrt2] [--n-test 256] [--val 2000]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _quantized(model, method: str, calib: torch.Tensor, args, run_dir: Path) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--methods", nargs="*", default=["isvit", "repq-vit"])
+    p.add_argument("--methods", nargs="*", default=["isvit", "reparam-logsqrt2"])
     p.add_argument("--n-test", type=int, default=256, help="evaluation images of the analysis (first N of the test split)")
     p.add_argument("--val", type=int, default=2000, help="held-out test images (after the first N) to validate the proposals")
     p.add_argument("--iters", type=int, default=None, help="reconstruction iterations (default: the method's, 1000)")

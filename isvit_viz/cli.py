@@ -221,7 +221,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     res = iv.quantize(
         model, args.method, args.w_bits, args.a_bits, calib_x, iters=args.iters, device=device, seed=args.seed,
         checkpoint_dir=(out / "checkpoint") if out is not None else None, progress=not args.quiet,
-        matmul_dtype=getattr(args, "matmul_dtype", "float32"), batch_size=getattr(args, "batch_size", 64),
+        matmul_dtype=getattr(args, "matmul_dtype", "float32"), batch_size=getattr(args, "batch_size", None),
     )  # fmt: skip
     wall = time.perf_counter() - t0
     del calib_x  # evaluation needs only the test loader
@@ -361,8 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--calib", type=_positive_int, default=1024, help="calibration images: random train images, seeded (default 1024)"
     )
-    q.add_argument("--iters", type=int, default=None, help="iterations per unit and stage (default 1000; 200 at >= 6 bits)")
-    q.add_argument("--batch-size", type=_positive_int, default=64, help="reconstruction mini-batch (default 64, the paper's)")
+    q.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="iterations per unit and stage for every stage (default: the method's own; I&S-ViT 1000, 200 at >= 6 bits)",
+    )
+    q.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="reconstruction mini-batch for every stage (default: the method's own; I&S-ViT 64, QDrop/BRECQ 32)")  # fmt: skip
     q.add_argument("--test-images", type=_positive_int, default=None,
                    help="evaluate on N test images: a seeded class-stratified subset of ImageNet val (embedded: the first N)")  # fmt: skip
     q.add_argument("--data", default=None, help="ImageNet root with train/ and val/ (timm models)")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("name", ["quantizer_init", "accuracy", "cost", "landscape", "gpu"])
+@pytest.mark.parametrize("name", ["quantizer_init", "accuracy", "cost", "landscape", "gpu", "method_cost"])
 def test_benchmark_smoke(name, tmp_path):
     import importlib
 
@@ -15,6 +15,9 @@ def test_benchmark_smoke(name, tmp_path):
     assert payload["rows"] and (tmp_path / f"{name}.md").read_text().startswith(f"# {name}")
     if name == "quantizer_init":
         assert payload["rows"][0]["equal"] is True
+    if name == "method_cost":  # QDrop's own 20,000 steps per block against I&S-ViT's 1000 per stage
+        qdrop = next(r for r in payload["runs"] if r["method"] == "qdrop")
+        assert qdrop["stages"]["reconstruct"]["own_steps"] == 20000 and qdrop["stages"]["reconstruct"]["batch_size"] == 32
 
 
 def test_report_merges_runs_from_several_files(tmp_path):

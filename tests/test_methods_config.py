@@ -262,3 +262,13 @@ def test_run_settings_override_the_stages_and_fill_what_they_leave_unset():
     assert (matched.resolve(own).iters, matched.resolve(own).batch_size, matched.resolve(own).lr) == (1000, 64, 1e-4)
     cfg = run.recon_config(own)
     assert (cfg.loss_p, cfg.act_scale_grad_scale) == (2.4, True)
+
+
+def test_readme_provenance_section_is_generated():
+    from pathlib import Path
+
+    from isvit_viz.calib.provenance import provenance_readme
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- provenance:begin -->\n")[1].split("\n<!-- provenance:end -->")[0]
+    assert block == provenance_readme()  # regenerate the block after changing a method or its sources

@@ -45,7 +45,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def q4(fp, calib):
-    return iv.quantize(fp, "repq-vit", 4, 4, calib, progress=False).model
+    return iv.quantize(fp, "reparam-logsqrt2", 4, 4, calib, progress=False).model  # no image quantizer: 27 quantizers
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_benchmark_smoke_writes_artifact(tmp_path):
 
     bench.main(["--smoke", "--results-root", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     payload = iv.results.load_artifact("sensitivity", root=tmp_path)
-    assert set(payload["methods"]) == {"isvit", "repq-vit"}
+    assert set(payload["methods"]) == {"isvit", "reparam-logsqrt2"}
     for st in payload["methods"].values():
         rep = sens.SensitivityReport.from_dict(st["report"])
         assert len(rep.rows) == 75 and len(rep.worst(10)) == 10

@@ -3,17 +3,26 @@ resume, failed cells, the report, and bad input at the command line.
 
 Tiny cells (embedded ViT, 16 calibration images, 1 iteration, 64 test images) are deterministic on
 the CPU, so a Ray run must reproduce the serial run's numbers exactly. `make test` installs Ray
-(the ``sweep`` extra); the Ray tests skip only where it is not installed.
+(the ``sweep`` extra); the Ray tests skip only where it is not installed. The command-line tests run
+``isvit-viz sweep`` as its own process: interrupted (SIGKILL, SIGINT) and rerun, on a Ray instance it
+starts itself, and on an existing Ray head (another process) through ``--address`` and ``$RAY_ADDRESS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shlex
+import signal
 import socket
+import subprocess
 import sys
+import time
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +32,8 @@ from isvit_viz.sweep import Cell, SweepFolder, SweepSpec, load_spec, run_cell, r
 from isvit_viz.sweep.runner import INSTALL_HINT
 
 TINY = {"models": ["vit"], "methods": ["minmax", "repq-vit"], "bits": [3, 4], "seeds": [0], "calib": 16, "iters": 1, "test": 64}
+#: a cell's results (deterministic on the CPU; times and memory are not)
+NUMBERS = ("fp_top1", "q_top1", "agree_top1", "kl_to_fp")
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed (`make test` installs it: the [sweep] extra)")
 
@@ -33,6 +44,71 @@ def _closed_port() -> int:
     port = s.getsockname()[1]
     s.close()  # nothing listens there now: connections are refused
     return port
+
+
+def _flags(**change) -> list[str]:
+    """The tiny grid (with ``change``) as ``isvit-viz sweep`` flags."""
+    out = []
+    for k, v in (TINY | change).items():
+        out += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
+    return out
+
+
+def _cli(out: Path, *flags: str, **change) -> list[str]:
+    """``isvit-viz sweep`` over the tiny grid into ``out``, as a command for a new process."""
+    return [sys.executable, "-m", "isvit_viz.cli", "sweep", *_flags(**change), "--quiet", "--out", str(out), *flags]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without $RAY_ADDRESS (each test says where Ray is), offline, one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return env | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"} | extra
+
+
+def _failures(out: Path) -> list[str]:
+    """The failed cells' errors and tracebacks (for assertion messages)."""
+    return [p.read_text() for p in sorted((out / "failed").glob("*.json"))]
+
+
+def _last_log(out: Path) -> dict:
+    return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+
+
+def _interrupt_after_first_cell(cmd: list[str], out: Path, sig: int, log: Path, timeout: float = 300.0) -> tuple[int, dict]:
+    """Start ``cmd``, send ``sig`` as soon as a cell's result exists; its exit status and the results then."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        try:
+            while not list((out / "cells").glob("*.json")):  # atomic writes: a visible result is complete
+                assert proc.poll() is None, f"the sweep ended ({proc.returncode}) before any cell: {log.read_text()}"
+                assert time.monotonic() < deadline, "no cell finished in time"
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            status = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return status, {p.name: p.read_bytes() for p in (out / "cells").glob("*.json")}
+
+
+def _assert_nothing_half_written(out: Path, orphans_allowed: bool) -> None:
+    """Every file a reader opens parses; a write cut by SIGKILL can leave only a hidden ``.*.tmp``
+    (the atomic write's temp file, read by nothing), and SIGINT leaves none."""
+    for p in out.rglob("*"):
+        if p.name.endswith(".tmp"):
+            assert orphans_allowed and p.name.startswith("."), p
+        elif p.suffix == ".json":
+            assert json.loads(p.read_text()), p
+        elif p.suffix == ".jsonl":
+            assert all(json.loads(line) for line in p.read_text().splitlines()), p
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone too
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- spec
@@ -53,11 +129,18 @@ def test_spec_file_yaml_and_json_agree(tmp_path):
     assert load_spec(tmp_path / "g.yaml") == load_spec(tmp_path / "g.json") == SweepSpec(**TINY)
 
 
-def test_folder_refuses_cells_run_with_other_settings(tmp_path):
+@pytest.mark.parametrize(
+    "change, message",
+    [({"iters": 2}, "iters=1, this sweep has iters=2"),
+     ({"matmul_dtype": "bfloat16"}, "matmul_dtype='float32', this sweep has matmul_dtype='bfloat16'")],
+)  # fmt: skip
+def test_folder_refuses_cells_run_with_other_settings(change, message, tmp_path):
+    # bf16 and fp32 cells would be averaged into one row of the report: the dtype guards a resume too
     SweepFolder(tmp_path / "s").prepare(SweepSpec(**TINY).normalized())
-    with pytest.raises(ValueError, match=r"iters=1, this sweep has iters=2"):
-        run_sweep(SweepSpec(**(TINY | {"iters": 2})), tmp_path / "s", backend="serial", progress=False)
+    with pytest.raises(ValueError, match=message):
+        run_sweep(SweepSpec(**(TINY | change)), tmp_path / "s", backend="serial", progress=False)
     assert not list((tmp_path / "s" / "cells").iterdir())
+    assert main(["sweep", "--out", str(tmp_path / "s"), *_flags(**change)]) == 2  # the CLI: one line, exit 2
 
 
 # ----------------------------------------------------------------------------- bad input at the CLI
@@ -127,6 +210,108 @@ def test_cell_numbers_are_run_grid_numbers(serial):
     }
 
 
+def test_killed_sweep_reruns_only_the_remaining_cells(serial, tmp_path):
+    # SIGKILL right after the first result: no clean-up runs, yet the rerun of the same command
+    # trusts what is there, runs only the other cells and ends with the uninterrupted run's report
+    out = tmp_path / "killed"
+    cmd = _cli(out, "--backend", "serial")
+    status, done = _interrupt_after_first_cell(cmd, out, signal.SIGKILL, tmp_path / "first.log")
+    assert status == -signal.SIGKILL and 1 <= len(done) < 4, (status, sorted(done))
+    _assert_nothing_half_written(out, orphans_allowed=True)
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    log = _last_log(out)
+    assert (log["backend"], log["skipped"], log["done"], log["failed"]) == ("serial", len(done), 4 - len(done), 0)
+    assert not set(log["cell_s"]) & {Path(name).stem for name in done}  # the finished cells did not run again
+    assert all((out / "cells" / name).read_bytes() == data for name, data in done.items())
+    assert rerun.stdout == serial[3] + "\n" and sweep_report(out) == serial[3]
+
+
+def test_readme_sweep_and_benchmark_commands_are_the_same_grid(monkeypatch):
+    # README "Large sweeps": `isvit-viz sweep ...` and its `python -m benchmarks.accuracy ... --sweep` twin
+    from benchmarks import accuracy
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("\n## Large sweeps\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = "\n".join(line.removeprefix("#").strip() for line in block.splitlines()).replace("\\\n", " ").splitlines()
+    cli = shlex.split(next(line for line in lines if line.startswith("isvit-viz sweep --")))[2:]
+    bench = shlex.split(next(line for line in lines if line.startswith("python -m benchmarks.accuracy ")))[3:]
+    got = []
+    monkeypatch.setattr("isvit_viz.sweep.command.run_and_report", lambda spec, out, **kw: got.append((spec, str(out))) or 0)
+    assert main(["sweep", *cli]) == 0
+    accuracy.main(bench)
+    (cli_spec, cli_out), (bench_spec, bench_out) = got
+    assert cli_out == bench_out and cli_spec.normalized() == bench_spec.normalized()
+
+
+# ----------------------------------------------------------------------------- Ray started by the command, or already running
+@needs_ray
+@pytest.mark.slow
+def test_interrupted_ray_sweep_on_its_own_instance_resumes(serial, tmp_path):
+    # no address, no $RAY_ADDRESS: the command starts a local Ray instance and shuts it down, also on Ctrl-C
+    out = tmp_path / "ctrl-c"
+    cmd = _cli(out, "--backend", "ray")
+    status, done = _interrupt_after_first_cell(cmd, out, signal.SIGINT, tmp_path / "first.log")
+    assert status == 130 and 1 <= len(done) < 4, (status, sorted(done), (tmp_path / "first.log").read_text())
+    assert "interrupted" in (tmp_path / "first.log").read_text()
+    _assert_nothing_half_written(out, orphans_allowed=False)
+    workers = {json.loads(data)["sweep"]["pid"] for data in done.values()}
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)  # the instance went down with the command
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    log = _last_log(out)
+    assert (log["backend"], log["address"], log["skipped"], log["done"]) == ("ray", None, len(done), 4 - len(done))
+    assert log["failed"] == 0 and log["startup_s"] > 0 and log["cluster_cpus"] >= 1
+    assert all((out / "cells" / name).read_bytes() == data for name, data in done.items())
+    assert sweep_report(out) == serial[3]
+
+
+@contextlib.contextmanager
+def _ray_head(log: Path) -> Iterator[str]:
+    """An existing Ray instance in another process (3 logical CPUs): its GCS address. On this node's
+    address, as `ray start --head` does: Ray rewrites a loopback address it is given to that one, so
+    a head bound to 127.0.0.1 could not be joined. Stopped by closing its stdin (the process shuts Ray
+    down as it exits), never by `ray stop`, which would stop every Ray instance of this machine."""
+    code = (
+        "import sys, warnings, ray; warnings.simplefilter('ignore', FutureWarning); "
+        "ray.init(address='local', num_cpus=3, include_dashboard=False, log_to_driver=False); "
+        "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
+    )
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True)  # fmt: skip
+    try:
+        address = proc.stdout.readline().strip()
+        assert address, f"the Ray head did not start: {log.read_text()}"
+        yield address
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@needs_ray
+@pytest.mark.slow
+def test_command_runs_on_an_existing_ray_instance(serial, tmp_path):
+    # through --address, then through $RAY_ADDRESS; the head goes down before the next tests
+    with _ray_head(tmp_path / "head.log") as address:
+        for how, flags, env in (("flag", ["--address", address], _env()), ("env", [], _env(RAY_ADDRESS=address))):
+            out = tmp_path / how
+            run = subprocess.run(_cli(out, *flags, methods=["minmax"]), env=env, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stderr
+            log = _last_log(out)
+            # 3 CPUs: the head's, not a local instance of this machine's cores
+            assert (log["backend"], log["address"], log["cluster_cpus"], log["done"]) == ("ray", address, 3.0, 2), how
+            for cell in (out / "cells").glob("*.json"):
+                (rec,), (ref,) = (json.loads(p.read_text())["runs"] for p in (cell, serial[0] / "cells" / cell.name))
+                assert [rec[k] for k in NUMBERS] == [ref[k] for k in NUMBERS]
+
+
 # ----------------------------------------------------------------------------- Ray (a local 2-CPU cluster, loopback)
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -136,8 +321,9 @@ def ray_cluster():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's notice about accelerator env vars
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 * 2**20,
-                 log_to_driver=False)  # fmt: skip
+        # address "local": a new instance, never another test's head
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=100 * 2**20, log_to_driver=False)  # fmt: skip
     yield ray
     ray.shutdown()
 
@@ -152,14 +338,49 @@ def test_ray_grid_completes_with_the_serial_report(ray_cluster, serial, tmp_path
 
 
 @needs_ray
+def test_a_cells_threads_are_the_cpus_it_asks_ray_for(ray_cluster, tmp_path):
+    def probe(spec, cell):  # what Ray gave the task, seen from inside it
+        import ray
+
+        payload = run_cell(spec, cell)
+        payload["sweep"]["resources"] = ray.get_runtime_context().get_assigned_resources()
+        return payload
+
+    out = tmp_path / "threads"
+    spec = SweepSpec(**(TINY | {"methods": ["minmax"], "bits": [4], "threads": 2}))
+    summary = run_sweep(spec, out, progress=False, cell_fn=probe)
+    assert (summary.done, summary.failed) == (1, 0), _failures(out)
+    payload = json.loads((out / "cells" / "vit_minmax_w4a4_s0.json").read_text())
+    assert payload["sweep"]["resources"] == {"CPU": 2.0} and payload["env"]["threads"] == 2
+    with pytest.raises(ValueError, match="threads 3 per cell: the Ray cluster has only 2 CPUs"):
+        run_sweep(SweepSpec(**(TINY | {"threads": 3})), tmp_path / "t3", progress=False)
+
+
+@needs_ray
 def test_ray_sweep_stopped_after_one_cell_resumes_with_the_rest(ray_cluster, serial, tmp_path):
-    out = tmp_path / "resume"
-    first = run_sweep(SweepSpec(**TINY), out, max_cells=1, progress=False)  # stop after one cell, cancel the rest
-    assert (first.done, first.not_run) == (1, 3)
+    out, hold, started = tmp_path / "resume", tmp_path / "hold", tmp_path / "started"
+    hold.touch()
+    started.mkdir()
+
+    def held(spec, cell):  # while `hold` exists, the other cells wait: one is running when the sweep stops
+        if hold.exists() and cell.key != "vit_minmax_w3a3_s0":
+            (started / str(os.getpid())).touch()
+            time.sleep(300)
+        return run_cell(spec, cell)
+
+    first = run_sweep(SweepSpec(**TINY), out, max_cells=1, progress=False, cell_fn=held)  # stop after one cell
+    assert (first.done, first.not_run) == (1, 3), _failures(out)
+    # a cell cancelled while running takes its worker with it (an interrupt could leave it half-initialised)
+    running = [int(p.name) for p in started.iterdir()]
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running and not any(_alive(pid) for pid in running)
+    hold.unlink()
     (done,) = (out / "cells").glob("*.json")
     before = done.read_bytes()
-    second = run_sweep(SweepSpec(**TINY), out, progress=False)
-    assert (second.skipped, second.done, second.failed) == (1, 3, 0)
+    second = run_sweep(SweepSpec(**TINY), out, progress=False, cell_fn=held)
+    assert (second.skipped, second.done, second.failed) == (1, 3, 0), _failures(out)
     assert done.stem not in second.cell_s and done.read_bytes() == before  # the finished cell was not rerun
     assert sweep_report(out) == serial[3]
 
@@ -174,7 +395,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(ray_cluster, serial, t
         return run_cell(spec, cell)
 
     summary = run_sweep(SweepSpec(**TINY), out, progress=False, cell_fn=flaky)
-    assert (summary.done, summary.failed) == (3, 1)
+    assert (summary.done, summary.failed) == (3, 1), _failures(out)
     rec = json.loads((out / "failed" / "vit_repq-vit_w3a3_s0.json").read_text())
     assert rec["error"] == "RuntimeError: boom in the cell" and 'raise RuntimeError("boom in the cell")' in rec["traceback"]
     assert main(["sweep", "report", str(out)]) == 0
@@ -198,6 +419,29 @@ def test_benchmarks_accuracy_sweep_mode_runs_the_same_cell(serial, tmp_path, cap
     reference = serial[0] / "cells" / cell.name
     assert json.loads(cell.read_text())["runs"][0]["q_top1"] == json.loads(reference.read_text())["runs"][0]["q_top1"]
     assert json.loads(cell.read_text())["settings"] == json.loads(reference.read_text())["settings"]
+
+
+def test_benchmarks_accuracy_sweep_mode_exit_status(tmp_path, capsys, monkeypatch):
+    # as `isvit-viz sweep`: bad input is one line and exit 2 before any cell, a failed cell exit 1
+    from benchmarks import accuracy
+
+    argv = ["--models", "vit", "--methods", "minmax", "--bits", "4", "--seeds", "0", "--calib", "16", "--iters", "1",
+            "--test", "64"]  # fmt: skip
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(SystemExit) as bad:
+        accuracy.main([*argv, "--methods", "isvitt", "--sweep", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert bad.value.code == 2 and len(err) == 1 and err[0].startswith("benchmarks.accuracy: error: unknown method 'isvitt'")
+    assert not (tmp_path / "bad").exists()
+
+    def broken(spec, cell):
+        raise RuntimeError("boom in the cell")
+
+    monkeypatch.setattr("isvit_viz.sweep.cell.run_cell", broken)
+    with pytest.raises(SystemExit) as failed:
+        accuracy.main([*argv, "--sweep", str(tmp_path / "failed")])
+    assert failed.value.code == 1
+    assert "failed vit_minmax_w4a4_s0: RuntimeError: boom in the cell" in capsys.readouterr().err
 
 
 def test_imagenet_cell_on_a_synthetic_image_folder(tmp_path):

@@ -120,8 +120,9 @@ def quantize(
 
     Args:
         model: FP timm model (left unchanged; a copy is quantized and another copy is the teacher).
-        method: a registered name (``isvit``, ``isvit-official``, ``repq-vit``, ``ptq4vit``, ``qdrop``,
-            ``minmax``; :data:`~isvit_viz.calib.METHODS`) or your own :class:`~isvit_viz.calib.Method`.
+        method: a registered name (``isvit``, ``isvit-official``, ``qdrop``, ``brecq``, ``repq-vit``,
+            ``ptq4vit``, the cheaper ``qdrop-ste``, ``reparam-logsqrt2``, ``twin-uniform-mse``, and ``minmax``;
+            :data:`~isvit_viz.calib.METHODS`) or your own :class:`~isvit_viz.calib.Method`.
         w_bits / a_bits: bit-widths (2..16).
         calib: calibration images, a tensor [N, C, H, W] or a DataLoader of (images, labels).
         iters / batch_size / lr: Adam steps per unit and stage, reconstruction mini-batch and learning
@@ -134,7 +135,7 @@ def quantize(
         seed: seeds the mini-batch sampling (and QDrop's masks); CPU runs are bit-reproducible.
         callbacks: ``f(event, model)`` called after each stage that has an event (snapshot the model
             there): ``"calibrated"``, then ``"stage1"``, ``"stage2"``, ``"stage3"`` (I&S-ViT) or
-            ``"reconstructed"`` (``qdrop``, ``sos=False``); calibration-only methods fire only ``"calibrated"``.
+            ``"reconstructed"`` (``qdrop``, ``brecq``, ``sos=False``); calibration-only methods fire only ``"calibrated"``.
         softmax_quantizer / sos: ablation switches (paper Tables 3 and 4).
         memory_budget: bytes of host memory for cached unit inputs/outputs; beyond it caches spill
             to disk (default: a quarter of the available RAM).

@@ -385,3 +385,15 @@ def describe_markdown(method: str | Method) -> str:
         val = row["value"] if row["setting"] == "stages" else repr(row["value"])
         lines.append(f"| {_cell(row['setting'])} | {_cell(val)} | {_cell(src)} |")
     return "\n".join(lines) + "\n"
+
+
+def provenance_readme() -> str:
+    """Every registered method's :func:`describe_markdown` table in a collapsible block (the README's
+    "Method provenance" section is exactly this text; a test checks it)."""
+    from .methods import METHODS
+
+    parts = []
+    for name, m in METHODS.items():
+        body = describe_markdown(m).split("\n", 4)[4]  # the table: heading and description are in the summary
+        parts.append(f"<details><summary><code>{name}</code>: {m.description}</summary>\n\n{body}\n</details>")
+    return "\n\n".join(parts)

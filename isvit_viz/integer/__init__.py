@@ -18,6 +18,7 @@ from .attention import IntegerParts, integer_attention_core
 from .compare import end_to_end, layer_report, sqnr_db
 from .export import (
     IntegerAttentionParams,
+    OutputRescale,
     UniformParams,
     export_attention,
     export_model,
@@ -38,6 +39,7 @@ __all__ = [
     "IntegerAttentionParams",
     "IntegerParts",
     "IntegerSwap",
+    "OutputRescale",
     "UniformParams",
     "attention_op_counts",
     "count_mismatches",

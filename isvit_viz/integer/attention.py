@@ -6,10 +6,16 @@ Steps (all per head; shapes [B, H, N, d] for Q, K, V and [B, H, N, N] for the at
 2. Logits: ``S = Qz Kz^T`` in int32 (``|S| <= d * max|Qz| * max|Kz|``, checked).
 3. Softmax: the exp-table integer softmax (:mod:`.softmax`), probabilities ``P`` in F-bit fixed point.
 4. Exponents: SULQ's exponents of ``P`` by the threshold table (:mod:`.sulq_codes`).
-5. ``P V``: ``acc = sum_j Vz_j << (e_ij - e_lo)`` (:mod:`.shift`, int32 when the worst case fits),
-   then ``R = (acc << G) - eta_fixed * colsum(Vz)`` (int64: ``acc`` bits + G) with ``colsum`` shared by
-   all query rows of a head.
-6. One rescale: ``out = R * M_v * 2^-(shift_v + G - e_lo)`` (:func:`.fixed_point.rescale`).
+5. ``P V``: ``acc = sum_j Vz_j << (e_ij - e_lo)`` (:mod:`.shift`, int32 when the worst case fits) and
+   ``colsum(Vz)`` (int32), one vector per head shared by all query rows. The exact result is
+   ``R 2^(e_lo - G)`` with ``R = (acc << G) - eta_fixed * colsum``; ``R`` is never formed (it needs
+   the accumulator's bits + G = 41 bits at W4/A4, and its worst case times ``M_v`` exceeds int64).
+6. One rescale, integer only (:func:`.fixed_point.rescale`): the int64 product ``acc * M_v`` minus the
+   per-head correction ``ceil(eta_fixed M_v colsum / 2^G)`` (int64, in the product's units), then one
+   round-half-up right shift by ``S`` (:meth:`~.export.IntegerAttentionParams.output_rescale`). For
+   ``S >= 1`` this equals ``round_half_up(R M_v / 2^(G + S))`` exactly (:func:`eta_correction`). The
+   result, int64 in ``K`` fraction bits (24-39 here) with ``|out| <= 2^53``, is exact in float64; the hand-off to the
+   fake-quant ``proj`` rounds it once to float32 (:func:`.fixed_point.fixed_to_float32_output`).
 
 ``softmax="float"`` replaces steps 2-4 by the fake-quant path's own float32 logits, float32 softmax
 and ``SULQ.encode``: the exponents are then those of fake-quant by construction, which isolates the
@@ -23,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.sulq import SULQ
-from .export import IntegerAttentionParams
-from .fixed_point import rescale, uniform_codes
+from .export import IntegerAttentionParams, OutputRescale
+from .fixed_point import fixed_to_float32_output, rescale, uniform_codes
 from .shift import accumulator_dtype, shift_accumulate
 from .softmax import integer_softmax
 from .sulq_codes import fake_quant_exponents
@@ -41,8 +47,11 @@ class IntegerParts:
         logits: int32 ``Qz Kz^T`` [B, H, N, N] (``None`` in float-softmax mode).
         p_fixed: int64 probabilities in F-bit fixed point (``None`` in float-softmax mode).
         exponents: int64 SULQ exponents [B, H, N, N].
-        acc: shift-accumulator [B, H, N, d]; r: int64 ``(acc << G) - eta_fixed * colsum``.
-        out: float32 output [B, H, N, d].
+        acc: shift-accumulator [B, H, N, d] (int32 when the worst case fits).
+        colsum: int32 ``colsum(Vz)`` [B, H, 1, d]; correction: int64 :func:`eta_correction` [B, H, 1, d].
+        out_fixed: int64 rescaled output [B, H, N, d], ``|.| <= 2^53``, in ``rescale.frac_bits`` bits.
+        out: float32 output, ``out_fixed * 2^-K`` rounded once to float32 [B, H, N, d].
+        rescale: the constants used (:class:`~.export.OutputRescale`).
     """
 
     qz: torch.Tensor
@@ -52,8 +61,11 @@ class IntegerParts:
     p_fixed: torch.Tensor | None
     exponents: torch.Tensor
     acc: torch.Tensor
-    r: torch.Tensor
+    colsum: torch.Tensor
+    correction: torch.Tensor
+    out_fixed: torch.Tensor
     out: torch.Tensor
+    rescale: OutputRescale
 
 
 def centered_codes(x: torch.Tensor, p) -> torch.Tensor:
@@ -77,15 +89,50 @@ def float_softmax_exponents(qz: torch.Tensor, kz: torch.Tensor, params: IntegerA
 
 
 def shift_pv(exponents: torch.Tensor, vz: torch.Tensor, params: IntegerAttentionParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(acc, R)``: the shift-accumulate and ``R = (acc << G) - eta_fixed * colsum(Vz)`` (int64).
+    """``(acc, colsum)``: the shift-accumulate ``sum_j Vz_j << (e_ij - e_lo)`` and ``colsum(Vz)`` (int32).
 
-    ``R * 2^(e_lo - G)`` is exactly ``sum_j (2^e_ij - eta_q) Vz_j`` with ``eta_q = params.eta_quantized``.
+    ``(acc << G) - eta_fixed * colsum`` is exactly ``sum_j (2^e_ij - eta_q) Vz_j * 2^(G - e_lo)`` with
+    ``eta_q = params.eta_quantized``; :func:`pv_output` rescales it without forming it. ``colsum`` is one
+    vector per head ([B, H, 1, d]), shared by all query rows, and int32 whenever ``acc`` is
+    (``|colsum| <= N max|Vz| <= max|acc|``).
     """
     shifts = exponents - params.e_lo
     dt = accumulator_dtype(vz.shape[-2], params.v.max_abs_centered, params.max_shift)
     acc = shift_accumulate(shifts, vz, dtype=dt)
-    colsum = vz.sum(-2, keepdim=True, dtype=torch.int64)  # [B, H, 1, d]: one per head, shared by all rows
-    return acc, (acc.long() << params.eta_bits) - params.eta_fixed * colsum
+    return acc, vz.sum(-2, keepdim=True, dtype=dt)
+
+
+def eta_correction(colsum: torch.Tensor, rescale_c: OutputRescale) -> torch.Tensor:
+    """``ceil(eta_fixed M_v colsum / 2^G)`` (int64, shape of ``colsum``): eta's term in ``acc * M_v`` units.
+
+    Why the ceiling makes the rescale exact: write ``c = eta_fixed M_v colsum = ceil(c / 2^G) 2^G - r``
+    with ``0 <= r < 2^G``. Then, for ``S >= 1``,
+    ``floor((R M_v + 2^(G+S-1)) / 2^(G+S)) = floor(((acc M_v - ceil(c/2^G)) 2^G + r + 2^(G+S-1)) / 2^(G+S))
+    = floor((acc M_v - ceil(c/2^G) + 2^(S-1)) / 2^S)``, since ``floor((r + 2^(G+S-1)) / 2^G) = 2^(S-1)``.
+    So the round-half-up of the narrow product equals that of the exact ``R M_v``, which is G bits wider
+    (and beyond int64 in the worst case at W4/A4).
+
+    Width: int64. ``|c| <= eta_fixed M_v N max|Vz|`` (below 2^49 on the embedded ViT at W4/A4, asserted
+    below 2^62 by :meth:`~.export.IntegerAttentionParams.output_rescale`); the result is bounded by
+    ``rescale_c.correction_bound`` (below 2^33 there): it lives in the units of ``acc * M_v``, so it
+    cannot be int32 even when ``acc`` is.
+    """
+    c = colsum.long() * rescale_c.eta_multiplier
+    return -((-c) >> rescale_c.eta_bits)  # ceil(c / 2^G): >> floors, also for negative values
+
+
+def pv_output(
+    acc: torch.Tensor, colsum: torch.Tensor, params: IntegerAttentionParams, n_keys: int
+) -> tuple[torch.Tensor, torch.Tensor, OutputRescale]:
+    """``(out_fixed, correction, rescale)``: the one final integer rescale of the shift path.
+
+    ``out_fixed = round_half_up((acc * M_v - eta_correction(colsum)) / 2^S)`` (int64, ``|.| <= 2^53``), the
+    fixed-point output with ``rescale.frac_bits`` fraction bits, for ``n_keys`` keys (N). The worst-case widths are asserted by
+    :meth:`~.export.IntegerAttentionParams.output_rescale`, the actual ones by :func:`.fixed_point.rescale`.
+    """
+    rs = params.output_rescale(int(n_keys))
+    correction = eta_correction(colsum, rs)
+    return rescale(acc, rs.multiplier, rs.shift, correction=correction), correction, rs
 
 
 def integer_attention_core(
@@ -122,8 +169,9 @@ def integer_attention_core(
         if sulq is None:
             raise ValueError("softmax='float' needs the block's SULQ quantizer (sulq=...)")
         exps = float_softmax_exponents(qz, kz, params, sulq)
-    acc, r = shift_pv(exps, vz, params)
-    out = rescale(r, params.out_multiplier, params.out_shift)
+    acc, colsum = shift_pv(exps, vz, params)
+    out_fixed, correction, rs = pv_output(acc, colsum, params, n_keys=vz.shape[-2])
+    out = fixed_to_float32_output(out_fixed, rs.frac_bits)
     if return_parts:
-        return IntegerParts(qz, kz, vz, logits, p_fixed, exps, acc, r, out)
+        return IntegerParts(qz, kz, vz, logits, p_fixed, exps, acc, colsum, correction, out_fixed, out, rs)
     return out

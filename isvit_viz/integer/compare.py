@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,20 +74,36 @@ def attention_cores(attn: nn.Module, params: IntegerAttentionParams, x: torch.Te
     }
 
 
+def exact_pv_reference(exponents: torch.Tensor, vz: torch.Tensor, params: IntegerAttentionParams, n_keys: int) -> np.ndarray:
+    """The fake-quant ``P V`` formula ``(2^e - eta_q) @ (Vz s_v)``, exact, rounded once (half up) to the
+    output grid ``2^-K`` of :meth:`~.export.IntegerAttentionParams.output_rescale`: an int object array.
+
+    ``y = (2^e - eta_q) @ Vz`` in float64 is exact (every partial sum is a multiple of ``2^(e_lo - G)``,
+    below ``2^53`` of them; checked), so ``R = y 2^(G - e_lo)`` is an exact integer; ``R M_v`` and its
+    rounding shift are then done in Python ints, which do not wrap (``R M_v`` exceeds int64 at W4/A4).
+    Independent of the int64 fold of :func:`~.attention.eta_correction`.
+    """
+    y = (torch.exp2(exponents.double()) - params.eta_quantized) @ vz.double()
+    r = y * 2.0 ** (params.eta_bits - params.e_lo)
+    if not (bool((r == r.round()).all()) and float(r.abs().max()) < 2.0**53):
+        raise ValueError("the float64 reference of P V is not exact (eta_bits too large for float64)")
+    rs = params.output_rescale(n_keys)
+    total = params.eta_bits + rs.shift
+    big = np.asarray(r.long().cpu().numpy(), dtype=object) * rs.multiplier  # Python ints: no int64 wrap
+    return (big + (1 << (total - 1))) >> total
+
+
 @torch.no_grad()
 def pv_bit_exact(attn: nn.Module, params: IntegerAttentionParams, x: torch.Tensor) -> bool:
-    """Whether the integer ``P V`` (shift-accumulate, ``eta * colsum`` correction, rescale) equals the
-    fake-quant formula ``(2^e - eta_q) @ (Vz * s_v)`` bit for bit, given the fake-quant exponents.
-
-    The reference is evaluated in float64 (exact: every partial sum is a multiple of ``2^(e_lo - G)``
-    below ``2^53`` of them) with ``eta_q = params.eta_quantized`` (eta on the G-bit grid), then
-    multiplied by ``s_v`` and cast to float32, as the integer rescale does.
-    """
+    """Whether the integer ``P V`` (shift-accumulate, ``eta * colsum`` correction, integer rescale) equals
+    :func:`exact_pv_reference` bit for bit, given the fake-quant exponents, and its float32 output is
+    ``out_fixed * 2^-K`` rounded once to float32 (eta on the G-bit grid, as ``params.eta_quantized``)."""
     q, k, v = block_qkv(attn, x)
     parts = integer_attention_core(q, k, v, params, softmax="float", sulq=attn.matmul2.quantizer_a, return_parts=True)
-    y = (torch.exp2(parts.exponents.double()) - params.eta_quantized) @ parts.vz.double()
-    r_exact = torch.equal(y * 2.0 ** (params.eta_bits - params.e_lo), parts.r.double())
-    return r_exact and torch.equal((y * float(params.v.scale)).float(), parts.out)
+    ref = exact_pv_reference(parts.exponents, parts.vz, params, v.shape[-2])
+    same_fixed = bool(np.array_equal(ref, parts.out_fixed.cpu().numpy().astype(object)))
+    same_float = torch.equal(parts.out, (parts.out_fixed.double() * 2.0**-parts.rescale.frac_bits).float())
+    return same_fixed and same_float
 
 
 @torch.no_grad()
@@ -104,7 +121,8 @@ def exponent_agreement(attn: nn.Module, params: IntegerAttentionParams, x: torch
 @torch.no_grad()
 def layer_report(model: nn.Module, images: torch.Tensor, params: dict[str, IntegerAttentionParams]) -> list[dict[str, Any]]:
     """One row per attention block: SQNR (dB) of each variant vs FP and of the integer ones vs fake-quant,
-    exponent mismatch, table sizes, int8 fixed point."""
+    exponent mismatch, table sizes, int8 fixed point, the integer rescale (output fraction bits K, its
+    right shift, bits of the worst-case int64 product)."""
     inputs = capture_block_inputs(model, images)
     rows = []
     for name, attn in attention_blocks(model):
@@ -117,8 +135,11 @@ def layer_report(model: nn.Module, images: torch.Tensor, params: dict[str, Integ
             row[f"sqnr_{key}_vs_fake"] = sqnr_db(out["fake"], out[key])
         row.update(exponent_agreement(attn, p, inputs[name]))
         row["pv_bit_exact"] = pv_bit_exact(attn, p, inputs[name])
+        rs = p.output_rescale(int(inputs[name].shape[1]))
         row.update({"eta": p.eta, "frac_bits": p.frac_bits, "exp_table_len": int(p.exp_table.numel()),
-                    "n_exponents": int(p.exponents.numel()), "e_lo": p.e_lo, "int8_frac_bits": int8_frac_bits(p)})  # fmt: skip
+                    "n_exponents": int(p.exponents.numel()), "e_lo": p.e_lo, "int8_frac_bits": int8_frac_bits(p),
+                    "out_frac_bits": rs.frac_bits, "rescale_shift": rs.shift,
+                    "rescale_product_bits": rs.product_bound.bit_length()})  # fmt: skip
         rows.append(row)
     return rows
 

@@ -2,7 +2,8 @@
 
 Everything the integer path needs, as integers: Q/K/V scales as multiplier + shift and integer
 zero-points, the exponential table of the integer softmax, the SULQ threshold/exponent table, eta in
-fixed point and the output rescale as multiplier + shift. The float ``attn_scale``, ``eta`` and the
+fixed point and the output rescale as multiplier + shift (:meth:`IntegerAttentionParams.output_rescale`,
+derived from these for a given number of tokens). The float ``attn_scale``, ``eta`` and the
 per-code exponents are kept for reference (the float-softmax mode and reports).
 """
 
@@ -19,7 +20,7 @@ from torch import nn
 from ..quant.modules import QuantAttention, QuantWindowAttention
 from ..quant.sulq import SULQ
 from ..quant.uniform import UniformQuantizer
-from .fixed_point import from_multiplier_shift, round_half_even_shift, scale_tensor, to_multiplier_shift
+from .fixed_point import FLOAT64_MANTISSA_BITS, from_multiplier_shift, round_half_even_shift, scale_tensor, to_multiplier_shift
 from .softmax import exp_table
 from .sulq_codes import ExponentTable, code_exponents, exponent_table
 
@@ -62,6 +63,36 @@ class UniformParams:
             raise ValueError(f"{role}: fractional zero-point {float(q.zero_point)!r}; integer codes need an integer zero-point")
         m, sh = to_multiplier_shift(float(q.scale))
         return cls(multiplier=m, shift=sh, zero_point=int(q.zero_point), qmax=q.qmax)
+
+
+@dataclass(frozen=True)
+class OutputRescale:
+    """Constants of the shift path's one final rescale (:meth:`IntegerAttentionParams.output_rescale`).
+
+    ``out_fixed = round_half_up((acc * multiplier - correction) / 2^shift)`` with the per-head
+    ``correction = ceil(eta_multiplier * colsum(Vz) / 2^eta_bits)``, and ``out = out_fixed * 2^-frac_bits``.
+    For ``shift >= 1`` this is exactly one round-half-up of ``R M_v 2^-(G + shift)`` with the exact
+    ``R = (acc << G) - eta_fixed colsum(Vz)`` (see :func:`~.attention.eta_correction`), without ever
+    forming ``R`` (up to 25 + G bits here) or ``R M_v`` (beyond int64 at W4/A4).
+
+    Attributes:
+        multiplier: ``M_v`` (V's scale is ``M_v 2^-v.shift``).
+        eta_multiplier: ``eta_fixed * M_v`` (one integer per layer).
+        eta_bits: G.
+        shift: the rounding right shift, ``>= 1``.
+        frac_bits: K, fraction bits of the output (``v.shift - e_lo - shift``).
+        acc_bound / correction_bound / product_bound: worst-case ``|acc|``, ``|correction|`` and
+            ``|acc * multiplier - correction|`` (int64: ``product_bound < 2^62``).
+    """
+
+    multiplier: int
+    eta_multiplier: int
+    eta_bits: int
+    shift: int
+    frac_bits: int
+    acc_bound: int
+    correction_bound: int
+    product_bound: int
 
 
 @dataclass(frozen=True)
@@ -117,14 +148,33 @@ class IntegerAttentionParams:
         """The eta the integer path uses: ``eta_fixed * 2^(e_lo - G)`` (exact float64)."""
         return math.ldexp(float(self.eta_fixed), self.e_lo - self.eta_bits)
 
-    @property
-    def out_multiplier(self) -> int:
-        return self.v.multiplier
+    def output_rescale(self, n_keys: int) -> OutputRescale:
+        """Integer constants of the one final rescale of the shift path for ``n_keys`` keys.
 
-    @property
-    def out_shift(self) -> int:
-        """``out = R * out_multiplier * 2^-out_shift`` with ``R = (acc << G) - eta_fixed * colsum(Vz)``."""
-        return self.v.shift + self.eta_bits - self.e_lo
+        The output fixed point is the finest whose worst case (any exponents in range, any V codes)
+        stays within ``2^53`` (int64, exact in float64; see :func:`~.fixed_point.fixed_to_float32_output`):
+        with the worst-case ``|R| <= N max|Vz| (2^(max_shift + G) + eta_fixed)`` of
+        ``R = (acc << G) - eta_fixed colsum``, the shift is the smallest ``S >= 1`` with
+        ``|R| M_v < 2^(G + 53 + S)`` (``S = 1``, ``K`` = 24-39 on the embedded ViT at 50 tokens).
+
+        Raises:
+            ValueError: ``n_keys < 1``, or the worst-case product ``|acc M_v - correction|`` or eta's
+                term ``|eta_fixed M_v colsum|`` not below ``2^62`` (int64 with headroom for the rounding add).
+        """
+        if isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < 1:
+            raise ValueError(f"n_keys must be a positive int, got {n_keys!r}")
+        g, m, vmax = self.eta_bits, self.v.multiplier, self.v.max_abs_centered
+        r_max = n_keys * vmax * ((1 << (self.max_shift + g)) + self.eta_fixed)
+        shift = max(1, (r_max * m).bit_length() - g - FLOAT64_MANTISSA_BITS)
+        acc_max = n_keys * vmax << self.max_shift
+        eta_term_max = self.eta_fixed * m * n_keys * vmax  # |eta_fixed M_v colsum|, formed before its shift
+        correction_max = -(-eta_term_max >> g)  # ceil, as the correction itself
+        product_max = acc_max * m + correction_max
+        if max(product_max, eta_term_max) >= 2**62:
+            raise ValueError(f"worst-case rescale terms reach {max(product_max, eta_term_max)} >= 2^62 for {n_keys} keys")
+        return OutputRescale(multiplier=m, eta_multiplier=self.eta_fixed * m, eta_bits=g, shift=shift,
+                             frac_bits=self.v.shift - self.e_lo - shift, acc_bound=acc_max,
+                             correction_bound=correction_max, product_bound=product_max)  # fmt: skip
 
     @property
     def table(self) -> ExponentTable:

@@ -26,7 +26,7 @@ import torch
 from ..quant.sulq import SULQ
 from .attention import centered_codes, float_softmax_exponents, integer_logits
 from .export import IntegerAttentionParams
-from .fixed_point import rescale, round_half_even_shift
+from .fixed_point import fixed_to_float32_output, rescale, round_half_even_shift
 from .shift import shift_accumulate
 from .softmax import integer_softmax
 
@@ -96,7 +96,15 @@ def gemm_attention_core(
     """The integer attention core with ``P V`` as an int8 GEMM (float32 [B, H, N, d] out).
 
     Steps 1-4 as :func:`~.attention.integer_attention_core`; then ``P8 = fixed_point_p(e, F, eta_F)``
-    (int8, ``F`` default :func:`int8_frac_bits`), one int8 GEMM, and the rescale ``* s_v 2^-F``.
+    (int8, ``F`` default :func:`int8_frac_bits`), one int8 GEMM (int32 out), and one integer rescale
+    by ``s_v 2^-F`` (:func:`~.fixed_point.rescale`: int64 product with ``M_v``, round-half-up shift) to
+    the shift path's output fixed point. No correction term: eta is inside ``P8``.
+
+    Raises:
+        ValueError: ``P`` outside int8, or an output beyond ``2^53`` on that grid (the int8 levels'
+            rounded eta can exceed the shift path's worst case). With ``K`` = 24-39 the shift is
+            small or negative (an exact left shift at W4/A4, where the output is then rounded only at
+            the float32 hand-off).
     """
     f = int8_frac_bits(params) if frac_bits is None else frac_bits
     qz, kz, vz = centered_codes(q, params.q), centered_codes(k, params.k), centered_codes(v, params.v)
@@ -110,5 +118,9 @@ def gemm_attention_core(
     p = fixed_point_p(exps, f, eta_at(params, f))
     if int(p.max()) > INT8_MAX or int(p.min()) < INT8_MIN:
         raise ValueError(f"frac_bits={f} puts P outside int8 ([{int(p.min())}, {int(p.max())}])")
-    r = int8_gemm(p.to(torch.int8), vz).long()
-    return rescale(r, params.v.multiplier, params.v.shift + f)
+    r = int8_gemm(p.to(torch.int8), vz)  # int32
+    # the shift path's output fixed point K, so both variants hand over on one grid; r * 2^-F * s_v
+    # = r M_v 2^-(v.shift + F), i.e. a right shift by v.shift + F - K (a left shift when negative)
+    k = params.output_rescale(int(vz.shape[-2])).frac_bits
+    out_fixed = rescale(r, params.v.multiplier, params.v.shift + f - k)
+    return fixed_to_float32_output(out_fixed, k)

@@ -21,9 +21,10 @@ def attention_op_counts(n_tokens: int, head_dim: int, n_thresholds: int) -> dict
     fp32: ``Q K^T`` (N^2 d mul + add), softmax (N^2 exp, N^2 div, max/sum N^2 add each), ``P V``.
     int_shift: integer ``Q K^T``; softmax = N^2 subtract + N^2 table lookups + N^2 row-sum adds + N^2
     divisions; exponents by binary search over the thresholds; ``P V`` = N^2 d shifts + N^2 d adds;
-    correction ``eta * colsum(V)``: N d adds (column sum) + d multiplies + N d shifts (``<< G``) + N d
-    subtracts; rescale: N d multiplies. int8_gemm: the same up to the exponents, then one lookup per
-    entry (exponent -> int8 level) and an ordinary GEMM (N^2 d mul + add) and the rescale.
+    correction ``eta * colsum(V)``: N d adds (column sum) + d multiplies + d shifts (``ceil(. / 2^G)``);
+    integer rescale: N d multiplies (``acc * M``) + N d subtracts (the correction) + N d adds and N d
+    shifts (round half up). int8_gemm: the same up to the exponents, then one lookup per entry
+    (exponent -> int8 level), an ordinary GEMM (N^2 d mul + add) and the rescale (N d mul, add, shift).
     """
     for name, val in (("n_tokens", n_tokens), ("head_dim", head_dim), ("n_thresholds", n_thresholds)):
         if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "n_thresholds" else 1):
@@ -33,9 +34,9 @@ def attention_op_counts(n_tokens: int, head_dim: int, n_thresholds: int) -> dict
     qk = {"mul": n2d, "add": n2d}
     int_softmax = {"add": 2 * n2, "lookup": 2 * n2, "div": n2, "compare": n2 * search}  # (max - S, row sum), (exp, exponent)
     fp = {"mul": 2 * n2d, "add": 2 * n2d + 2 * n2, "exp": n2, "div": n2, "shift": 0, "lookup": 0, "compare": n2}
-    shift = {"mul": qk["mul"] + head_dim + nd, "shift": n2d + nd, "add": qk["add"] + int_softmax["add"] + n2 + n2d + 2 * nd,
+    shift = {"mul": qk["mul"] + head_dim + nd, "shift": n2d + head_dim + nd, "add": qk["add"] + int_softmax["add"] + n2 + n2d + 3 * nd,
              "exp": 0, "div": n2, "lookup": int_softmax["lookup"], "compare": int_softmax["compare"] + n2}  # fmt: skip
-    gemm = {"mul": 2 * n2d + nd, "shift": 0, "add": qk["add"] + int_softmax["add"] + n2d, "exp": 0, "div": n2,
+    gemm = {"mul": 2 * n2d + nd, "shift": nd, "add": qk["add"] + int_softmax["add"] + n2d + nd, "exp": 0, "div": n2,
             "lookup": int_softmax["lookup"] + n2, "compare": int_softmax["compare"] + n2}  # fmt: skip
     # the "+ n2" compares of fp32 / integer are the row max; "+ n2" adds of int_shift: e - e_lo
     return {v: {op: int(c.get(op, 0)) for op in OPS} for v, c in (("fp32", fp), ("int_shift", shift), ("int8_gemm", gemm))}

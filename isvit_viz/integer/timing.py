@@ -15,9 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .attention import centered_codes, integer_attention_core, integer_logits, shift_pv
+from .attention import centered_codes, integer_attention_core, integer_logits, pv_output, shift_pv
 from .compare import block_qkv
 from .export import IntegerAttentionParams
+from .fixed_point import rescale
 from .gemm import eta_at, fixed_point_p, gemm_attention_core, int8_frac_bits, int8_gemm
 from .softmax import integer_softmax
 
@@ -51,8 +52,9 @@ def time_attention(attn: nn.Module, params: IntegerAttentionParams, x: torch.Ten
       ``int8_gemm`` (integer softmax + int8 GEMM);
     * ``qk_*`` / ``softmax_*``: the first two stages alone (``int32`` matmul of the codes; the
       exp-table softmax with its int64 division plus the exponent lookup vs float32 softmax);
-    * ``pv_*``: only ``P V`` given P: ``fp32`` float matmul, ``shift`` (shift-accumulate + correction),
-      ``int8_gemm`` (``torch._int_mm``).
+    * ``pv_*``: only ``P V`` given P: ``fp32`` float matmul, ``shift`` (shift-accumulate, then the
+      ``eta * colsum`` correction and the integer rescale to the output fixed point), ``int8_gemm``
+      (``torch._int_mm``, then the same integer rescale).
     """
     q, k, v = block_qkv(attn, x)
     probs = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
@@ -62,6 +64,8 @@ def time_attention(attn: nn.Module, params: IntegerAttentionParams, x: torch.Ten
     vz = centered_codes(v, params.v)
     logits = q @ k.transpose(-2, -1) * attn.scale
     table = params.table
+    n_keys = v.shape[-2]
+    k_out = params.output_rescale(n_keys).frac_bits
     fns = {
         "core_fp32": lambda: (q @ k.transpose(-2, -1) * attn.scale).softmax(-1) @ v,
         "core_fake_quant": lambda: attn.matmul2((attn.matmul1(q, k.transpose(-2, -1)) * attn.scale).softmax(-1), v),
@@ -72,7 +76,7 @@ def time_attention(attn: nn.Module, params: IntegerAttentionParams, x: torch.Ten
         "softmax_fp32": lambda: logits.softmax(-1),
         "softmax_int": lambda: table.lookup(integer_softmax(parts.logits, params.exp_table, params.frac_bits)),
         "pv_fp32": lambda: probs @ v,
-        "pv_shift": lambda: shift_pv(parts.exponents, vz, params),
-        "pv_int8_gemm": lambda: int8_gemm(p8, vz),
+        "pv_shift": lambda: pv_output(*shift_pv(parts.exponents, vz, params), params, n_keys),
+        "pv_int8_gemm": lambda: rescale(int8_gemm(p8, vz), params.v.multiplier, params.v.shift + f8 - k_out),
     }
     return time_side_by_side(fns, repeats=repeats)

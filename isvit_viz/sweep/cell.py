@@ -83,10 +83,11 @@ def run_cell(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
     """Quantize and evaluate one cell here; returns its result payload (``env``/``settings``/``runs``).
 
     The run record is :func:`isvit_viz.experiments.run_grid`'s (top-1, agreement, KL, wall time of
-    the quantization, peak RSS of this process during the run...) with the ``model`` name."""
+    the quantization, peak RSS of this process during the run...) with the ``model`` name; ``sweep``
+    holds the cell's key, the process id and the cell's wall and CPU seconds (model loading included)."""
     from ..experiments import run_grid
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     torch.set_num_threads(spec.threads)
     model, calib, test = load_inputs(spec, cell)
     (record,) = run_grid(
@@ -98,7 +99,8 @@ def run_cell(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
         "env": env(spec.device),
         "settings": spec.cell_settings(cell),
         "runs": [{"model": cell.model, **record}],
-        "sweep": {"cell": cell.key, "pid": os.getpid(), "cell_s": time.perf_counter() - t0},
+        # cpu_s: CPU time of this process over the cell (all its threads), for cost and overhead estimates
+        "sweep": {"cell": cell.key, "pid": os.getpid(), "cell_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0},
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from .spec import SweepSpec, load_spec
@@ -100,7 +101,6 @@ def _print_status(folder: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run (or report) a sweep; exit status 0, or 1 when a cell failed (input errors raise ValueError)."""
-    from .runner import run_sweep
     from .store import SweepFolder, sweep_report
 
     out = args.dir or args.out
@@ -116,9 +116,27 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError("the sweep folder is required: --out DIR (or isvit-viz sweep run DIR)")
     if args.max_cells is not None and args.max_cells < 1:
         raise ValueError(f"--max-cells must be >= 1, got {args.max_cells}")
-    summary = run_sweep(
+    return run_and_report(
         spec_from_args(args), out, address=args.address, backend=args.backend, max_cells=args.max_cells, progress=not args.quiet
     )
+
+
+def run_and_report(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    address: str | None = None,
+    backend: str = "auto",
+    max_cells: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Run ``spec`` into the sweep folder ``out``, print the report (stdout), the summary and the failed
+    cells (stderr); exit status 0, or 1 when a cell failed. Shared by ``isvit-viz sweep`` and
+    ``python -m benchmarks.accuracy --sweep`` so both behave the same; input errors raise ``ValueError``."""
+    from .runner import run_sweep
+    from .store import SweepFolder, sweep_report
+
+    summary = run_sweep(spec, out, address=address, backend=backend, max_cells=max_cells, progress=progress)
     print(sweep_report(out))
     print(f"{_cells(summary.done)} run ({summary.backend}), {summary.skipped} already finished, {summary.failed} failed, "
           f"{summary.not_run} not run; {summary.wall_s:.0f} s", file=sys.stderr)  # fmt: skip

@@ -108,9 +108,9 @@ def _captured_stderr() -> Iterator[Any]:
         tmp.close()
 
 
-def _connect(ray: Any, address: str | None) -> bool:
-    """Connect to ``address`` or start a local instance (loopback only, all cores, no dashboard);
-    ``True`` if this call started the connection (and must shut it down)."""
+def _connect(ray: Any, address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` or start a local instance (loopback only, no dashboard, ``num_cpus``
+    CPUs: default all cores); ``True`` if this call started the connection (and must shut it down)."""
     if ray.is_initialized():
         return False
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
@@ -126,7 +126,7 @@ def _connect(ray: Any, address: str | None) -> bool:
                         f"cannot connect to the Ray cluster at {address}: {_first_line(e)} (no Ray head answered)"
                     ) from None
         else:
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
     return True
 
 
@@ -278,4 +278,7 @@ def _run_ray(
                 break
     finally:  # done, max_cells reached, or interrupted: nothing of this sweep keeps running
         for ref in pending:
-            ray.cancel(ref)  # queued: dropped; running: interrupted (KeyboardInterrupt), the worker stays for reuse
+            # queued: dropped; running: its worker is killed. A KeyboardInterrupt instead (force=False) can
+            # land mid-import (torch, sympy) and leave the reused worker's modules half-initialised: the next
+            # cell there fails ("module 'sympy' has no attribute 'logic'")
+            ray.cancel(ref, force=True)

@@ -27,8 +27,9 @@ from typing import Any
 
 #: timm models take their weights from ``weights[model]``: a local file, ``"timm"`` (download) or ``"random"``
 WEIGHT_KEYWORDS = ("timm", "random")
-#: Settings that change what a cell computes: a folder's finished cells are reused only when these match.
-RESULT_SETTINGS = ("calib", "iters", "test", "data", "weights", "softmax_quantizer", "sos")
+#: Settings that change what a cell computes: a folder's finished cells are reused only when these match
+#: (``matmul_dtype`` too: bf16 and fp32 cells of one method and bit-width would be averaged into one row).
+RESULT_SETTINGS = ("calib", "iters", "test", "data", "weights", "matmul_dtype", "softmax_quantizer", "sos")
 
 
 @dataclass(frozen=True, order=True)

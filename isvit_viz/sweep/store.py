@@ -66,9 +66,9 @@ class SweepFolder:
     def check(self, spec: SweepSpec) -> None:
         """Check, writing nothing, that this folder can take ``spec``: new or empty, or a sweep
         folder whose finished cells were computed with the same result settings (calibration
-        images, iterations, test images, data, weights, ablations); ``ValueError`` naming the first
-        difference otherwise. Device, threads and matmul dtype may change between runs (each cell
-        records where it ran)."""
+        images, iterations, test images, data, weights, matmul dtype, ablations); ``ValueError`` naming
+        the first difference otherwise. Device and threads may change between runs (each cell records
+        where it ran)."""
         meta = self.root / "sweep.json"
         if meta.is_file():
             try:
