@@ -115,7 +115,7 @@ BAD = [
     (lambda: _m(Requantize(), Reconstruct(name="fit", weights="fp", activations="fp")), r"stages\[1\] \(Reconstruct 'fit'\): activations: .*nothing is quantized"),
     (lambda: _m(Requantize(), Reconstruct(name="fit")), r"stages\[1\] \(Reconstruct 'fit'\): stage order: reconstruction before calibration"),
     (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", loss="lp", loss_p=0.0)), r"stages\[1\] \(Reconstruct 'fit'\): loss_p: must be a positive"),
-    (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", loss_p=2.4)), r"stages\[1\] \(Reconstruct 'fit'\): loss_p: .*2 with loss='mse'"),
+    (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", loss_p=2.4)), r"stages\[1\] \(Reconstruct 'fit'\): loss_p: .*2 unless loss=.lp."),
     (lambda: _m(Calibrate(), Reconstruct(name="fit", weights="fp", rounding="fixed")), r"stages\[1\] \(Reconstruct 'fit'\): rounding: 'fixed' trains no weights"),
     (lambda: _m(Calibrate(), HessianCalibrate(), post_ln="layer"), r"stages\[1\] \(HessianCalibrate 'hessian'\): stage order: .*first calibrating stage"),
     (lambda: _m(HessianCalibrate(), Requantize(), post_ln="layer"), r"stages\[1\] \(Requantize 'requantize'\): stage order: .*overwrite"),

@@ -10,6 +10,7 @@ continues at the next unit and gives a bit-identical model.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -26,9 +27,11 @@ from ..quant.wrap import calibrate_activations, calibrate_weights, quant_modules
 from ..utils import atomic_torch_save
 from .cache import MemoryBudget, TensorCache
 from .capture import capture_unit_io
+from .losses import ReconLoss, make_loss
 from .recon import ReconConfig, act_scale_quantizers, reconstruct_unit
 from .reparam import reparameterize
-from .stages import Calibrate, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage
+from .stages import Calibrate, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, as_loss
+from .task_grads import model_logits, unit_output_grads
 
 #: Run defaults of reconstruction stages that leave ``batch_size`` / ``lr`` unset (I&S-ViT paper §5.1).
 DEFAULT_BATCH_SIZE = 64
@@ -126,6 +129,16 @@ class EngineContext:
     stages_done: list[str] = field(default_factory=list)
     stage_index: int = 0
     start_unit: int = 0  # first unit of the current Reconstruct stage (after a resume)
+    # Hessian / Fisher losses: FP teachers by dtype (a float64 copy on demand) and their logits
+    _teachers: dict[torch.dtype, nn.Module] = field(default_factory=dict, repr=False)
+    _logits: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def teacher_as(self, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+        """The FP teacher in ``dtype`` (a copy unless float32) and its logits on the calibration images."""
+        if dtype not in self._teachers:
+            self._teachers[dtype] = self.teacher if dtype == torch.float32 else copy.deepcopy(self.teacher).to(dtype)
+            self._logits[dtype] = model_logits(self._teachers[dtype], self.images, self.device)
+        return self._teachers[dtype], self._logits[dtype]
 
     def save(self, next_unit: int = 0) -> None:
         """Checkpoint the current stage's progress (no-op without ``checkpoint_dir``)."""
@@ -191,6 +204,62 @@ def _unit_data(stage: Reconstruct, ctx: EngineContext, unit: nn.Module, t_unit: 
     return x, y, None
 
 
+def _unit_loss(stage: Reconstruct, ctx: EngineContext, name: str) -> ReconLoss:
+    from ..models.support import HEAD_LINEARS
+
+    spec = stage.head_loss if (name in HEAD_LINEARS and stage.head_loss is not None) else stage.loss
+    if spec == "lp":  # the plain name takes the stage's loss_p (BRECQ / QDrop: 2.4)
+        return make_loss("lp", p=stage.loss_p)
+    return as_loss(spec).build()
+
+
+def _prepare_loss(
+    loss: ReconLoss, ctx: EngineContext, name: str, unit: nn.Module, iters: int
+) -> tuple[TensorCache | None, Callable[[], tuple[torch.Tensor, torch.Tensor]] | None]:
+    """Start ``loss`` for a unit of ``iters`` steps and compute what it needs from the task loss.
+
+    Returns the per-sample gradient rows (a cache, for ``per_sample`` losses) and the refresh function
+    (``None`` for losses that never refresh): ``() -> (g_row, d_row)`` with the unit in its state at
+    the call (FIMA-Q, :meth:`~isvit_viz.calib.losses.FisherDPLRLoss.update`).
+    """
+    loss.start(iters)
+    dtype = getattr(torch, getattr(loss, "grad_dtype", "float32"))
+    if loss.grad_model == "current_unit":
+        teacher, logits = ctx.teacher_as(torch.float32)
+        t_unit = teacher.get_submodule(name)
+
+        def refresh() -> tuple[torch.Tensor, torch.Tensor]:
+            g_sum = d_sum = None
+            for c in unit_output_grads(teacher, t_unit, ctx.images, logits, ctx.device, loss.temperature,
+                                       override=lambda _start, args, _out: unit(*args)):  # fmt: skip
+                g = c.grads[0].abs().flatten(1).sum(0)
+                d = (c.z - c.fp_out.to(c.z)).abs().flatten(1).sum(0)
+                g_sum, d_sum = (g, d) if g_sum is None else (g_sum + g, d_sum + d)
+            return g_sum / len(ctx.images), d_sum / len(ctx.images)
+
+        return None, refresh
+    if not loss.needs_grads:
+        return None, None
+    teacher, logits = ctx.teacher_as(dtype)
+    override = None
+    q_out = None
+    if loss.grad_model == "quantized_through_unit":
+        _, q_out = capture_unit_io(ctx.qmodel, unit, ctx.images, ctx.budget, ctx.device, want_input=False)
+        override = lambda start, _args, out: q_out.gather(torch.arange(start, start + len(out)), out.device)  # noqa: E731
+    rows: TensorCache | None = None
+    try:
+        for c in unit_output_grads(teacher, teacher.get_submodule(name), ctx.images, logits, ctx.device,
+                                   loss.temperature, loss.grad_shifts, override):  # fmt: skip
+            r = loss.prepare_grads(c.grads)
+            if r is not None:
+                rows = rows or TensorCache(len(ctx.images), tuple(r.shape[1:]), ctx.budget)
+                rows.write(c.start, r.float())
+    finally:
+        if q_out is not None:
+            q_out.close()
+    return rows, None
+
+
 @register_stage(Reconstruct)
 def _reconstruct(stage: Reconstruct, ctx: EngineContext) -> None:
     set_quant_state(ctx.qmodel, weight=stage.weights == "quantized", act=stage.activations == "quantized")
@@ -205,12 +274,16 @@ def _reconstruct(stage: Reconstruct, ctx: EngineContext) -> None:
         if rcfg.rounding == "fixed" and not act_scale_quantizers(unit):
             continue  # only step sizes learn, and this unit has none (the patch embedding of an FP image)
         caches = _unit_data(stage, ctx, unit, ctx.teacher.get_submodule(name))
+        loss = _unit_loss(stage, ctx, name)
+        rows = None
         try:
+            rows, refresh = _prepare_loss(loss, ctx, name, unit, rcfg.iters)
             # tokens_last=None: the loss layout follows the unit (NHWC for Swin blocks and PatchMerging)
             losses = reconstruct_unit(unit, caches[0], caches[1], rcfg, ctx.device, ctx.generator, tokens_last=None,
-                                      desc=name, progress=ctx.progress, fp_inputs=caches[2])  # fmt: skip
+                                      desc=name, progress=ctx.progress, fp_inputs=caches[2], loss=loss,
+                                      grad_rows=rows, refresh=refresh)  # fmt: skip
         finally:
-            for c in caches:
+            for c in (*caches, rows):
                 if c is not None:
                     c.close()
         ctx.unit_losses.append({"stage": stage.name, "unit": name, **losses})

@@ -150,6 +150,7 @@ class ReconLoss:
             (every unit up to and including this one quantized, later ones FP), ``"current_unit"``
             (only this unit quantized, in its current training state), ``"none"``.
         temperature: T of :func:`kl_task_loss` for those gradients.
+        grad_dtype: ``"float32"`` or ``"float64"``: the precision of the teacher pass that computes them.
     """
 
     name: ClassVar[str] = ""
@@ -158,6 +159,7 @@ class ReconLoss:
     grad_shifts: tuple[float, ...] = (0.0,)
     grad_model: str = "none"
     temperature: float = 1.0
+    grad_dtype: str = "float32"
 
     def start(self, iters: int) -> None:
         """Begin a new unit of ``iters`` steps: forget normalisers and statistics of the previous one."""
@@ -273,14 +275,22 @@ class APHQLoss(ReconLoss):
     (``temp = 20``, ``use_mean_hessian = True``; ``ablation_avg.py``: False). Before 73e78a7 the loss
     was ``sum(1).mean() / 10`` with W scaled to mean 1 (``norm=None`` here gives the un-normalised mean).
     Precision: in float32 a shift of 1e-6 is below half an ulp of any |z| >= 16 and the T = 20 Hessian
-    is small, so float32 g+- are dominated by round-off; float64 reproduces ``2 eps |H 1|``.
+    is small, so float32 g+- are dominated by round-off; float64 reproduces ``2 eps |H 1|``. Hence
+    ``grad_dtype="float64"`` by default (a deviation: the authors run float32 and so weight by what is
+    partly round-off; ``grad_dtype="float32"`` does as they do).
     """
 
     name = "hessian_perturb"
     needs_grads = True
     grad_model = "fp"
 
-    def __init__(self, eps: float = 1e-6, temperature: float = 20.0, average: bool = True, norm: float | None = 2.0) -> None:
+    def __init__(
+        self, eps: float = 1e-6, temperature: float = 20.0, average: bool = True, norm: float | None = 2.0,
+        grad_dtype: str = "float64",
+    ) -> None:  # fmt: skip
+        if grad_dtype not in ("float32", "float64"):
+            raise ValueError(f"grad_dtype must be 'float32' or 'float64', got {grad_dtype!r}")
+        self.grad_dtype = grad_dtype
         self.eps = _positive("eps", eps)
         self.temperature = _positive("temperature", temperature)
         if not isinstance(average, bool):

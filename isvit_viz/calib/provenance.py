@@ -44,6 +44,7 @@ _ACTS_ON = "activations quantized during reconstruction"
 _NO_GRAD_SCALE = "unused: activation step sizes are not learned"
 _STE = "official code quant/block_recon.py: latent weights trained through round_ste, no AdaRound (method.md §2.2)"
 _MSE = "I&S-ViT paper Eq. 12; official code lp_loss: squared error summed over dim 1, mean over the rest (method.md §2.2)"
+_HEAD_SAME = "None (the head units use `loss` too): {}"
 _NO_DROP = "official code: no QDrop-style dropping (method.md §2.2)"
 _FROZEN_SCALES = "official code: quantizer parameters frozen during reconstruction (method.md §2.2)"
 
@@ -53,6 +54,7 @@ def _isvit_recon(stage: str, inputs: Source, weights: Source) -> dict[str, Sourc
         f"{stage}.inputs": inputs, f"{stage}.weights": weights,
         f"{stage}.activations": Source(f"I&S-ViT paper §4.3 and official code: {_ACTS_ON} in every stage"),
         f"{stage}.rounding": Source(_STE), f"{stage}.loss": Source(_MSE), f"{stage}.loss_p": Source(_MSE),
+        f"{stage}.head_loss": Source(_HEAD_SAME.format("I&S-ViT official code: the head is one more unit with lp_loss")),
         f"{stage}.iters": Source(_RUN_ITERS), f"{stage}.batch_size": Source(_RUN_BATCH),
         f"{stage}.lr": Source(_RUN_LR), f"{stage}.act_drop_prob": Source(_NO_DROP),
         f"{stage}.act_scale_lr": Source(_FROZEN_SCALES), f"{stage}.act_scale_grad_scale": Source(_NO_GRAD_SCALE),
@@ -203,6 +205,7 @@ def _brecq_recon(stage: str, **over: Source) -> dict[str, Source]:
         "rounding": Source("BRECQ/QDrop: AdaRound (sota-2025.md §2): regulariser 0.01, beta 20 -> 2 after 20 % warm-up, Adam 1e-3"),
         "loss": Source("BRECQ/QDrop main_imagenet.py: lp_loss with --p 2.4 (no Fisher weighting by default)"),
         "loss_p": Source("BRECQ/QDrop main_imagenet.py: --p 2.4"),
+        "head_loss": Source(_HEAD_SAME.format("BRECQ/QDrop: the last layer is reconstructed with the same loss")),
         "iters": Source("BRECQ/QDrop main_imagenet.py: --iters_w 20000 per block"),
         "batch_size": Source("BRECQ/QDrop main_imagenet.py: --batch_size 32"),
         "lr": Source("unused with AdaRound (alpha: Adam 1e-3)"),
@@ -256,6 +259,7 @@ _QDROP_STE = _renamed({
     "reconstruct.rounding": _dev("weights trained through STE; QDrop learns AdaRound rounding (sota-2025.md §2-3)"),
     "reconstruct.loss": _dev("squared error (I&S-ViT's lp_loss, p = 2); QDrop's script uses p = 2.4"),
     "reconstruct.loss_p": _dev("2; QDrop: 2.4"),
+    "reconstruct.head_loss": Source(_HEAD_SAME.format("QDrop: the last layer is reconstructed with the same loss")),
     "reconstruct.iters": _dev(_RUN_ITERS + "; QDrop: 20,000 iterations per block"),
     "reconstruct.batch_size": _dev(_RUN_BATCH + "; QDrop: batch 32"),
     "reconstruct.lr": Source(_RUN_LR + " (for the STE weights; QDrop's AdaRound lr 1e-3 does not apply)"),

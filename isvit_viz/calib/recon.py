@@ -12,8 +12,10 @@ Two ways to train the weights (``ReconConfig.rounding``):
 * ``"fixed"`` (BRECQ's activation pass): no weight is trained; only the activation step sizes learn
   (needs ``act_scale_lr``).
 
-The loss is the official ``lp_loss``: ``|error| ** loss_p`` summed over the token axis and averaged
-over the rest (``loss_p`` 2: I&S-ViT; 2.4: BRECQ and QDrop's ImageNet scripts).
+The loss is by default the official ``lp_loss``: ``|error| ** loss_p`` summed over the token axis and
+averaged over the rest (``loss_p`` 2: I&S-ViT; 2.4: BRECQ and QDrop's ImageNet scripts). Any
+:class:`isvit_viz.calib.losses.ReconLoss` can replace it (``loss``, with the per-sample gradient rows
+and the refresh function the engine prepares for it).
 
 QDrop options, usable with either: ``act_drop_prob`` keeps each element of every quantized activation
 inside the unit FP with that probability (fresh mask each step), and ``input_mix`` does the same to the
@@ -32,6 +34,7 @@ separate pass after weight reconstruction, without LSQ's gradient scale (``act_s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,7 @@ from ..quant.adaround import adaround_layers, attach_adaround, beta_at, detach_a
 from ..quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule, maybe_drop
 from ..quant.uniform import UniformQuantizer
 from .cache import TensorCache
+from .losses import LossState, LpLoss, ReconLoss
 
 ROUNDINGS = ("ste", "adaround", "fixed")
 #: Smallest learned activation step size (QDrop's ``LSQFakeQuantize`` clamps to float32 eps).
@@ -223,6 +227,9 @@ def reconstruct_unit(
     desc: str = "recon",
     progress: bool = True,
     fp_inputs: TensorCache | None = None,
+    loss: ReconLoss | None = None,
+    grad_rows: TensorCache | None = None,
+    refresh: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.iters`` Adam steps on ``unit`` so ``unit(inputs)`` matches ``targets``.
 
@@ -234,6 +241,11 @@ def reconstruct_unit(
             Swin unit with NHWC output (blocks *and* PatchMerging reductions), False for conv units.
         fp_inputs: the FP teacher's inputs of this unit, same rows as ``inputs`` (needed when
             ``cfg.input_mix > 0``; gathered with the same indices).
+        loss: the reconstruction loss, already started for ``cfg.iters`` steps and with its gradients
+            prepared (:mod:`isvit_viz.calib.losses` protocol); ``None``: ``LpLoss(cfg.loss_p)``.
+        grad_rows: the loss's per-sample rows (``loss.per_sample``), gathered like the targets.
+        refresh: ``() -> (g_row, d_row)``, called before every step at which ``loss.refresh(step)``
+            and passed to ``loss.update`` (FIMA-Q's Fisher refresh).
 
     Returns:
         ``loss_first`` / ``loss_last`` (total loss of the first and last steps) and their parts
@@ -250,6 +262,11 @@ def reconstruct_unit(
         raise ValueError("input_mix > 0 needs fp_inputs: the FP teacher's inputs of the unit, one row per cached input")
     if tokens_last is None:
         tokens_last = channels_last_output(unit)
+    if loss is None:
+        loss = LpLoss(cfg.loss_p)
+        loss.start(max(cfg.iters, 1))
+    if loss.per_sample and (grad_rows is None or grad_rows.n != inputs.n):
+        raise ValueError(f"loss {loss.name!r} needs grad_rows: one row of prepared gradients per cached input")
     adaround = cfg.rounding == "adaround"
     if cfg.rounding == "fixed" and not act_scale_quantizers(unit):
         raise ValueError("rounding='fixed' needs activation-quantized uniform quantizers in the unit to learn")
@@ -271,9 +288,8 @@ def reconstruct_unit(
         alphas, opt, sched = _weight_optimiser(unit, cfg)
         steps = [] if opt is None else [(opt, sched)]
         scales = _scale_optimiser(act_qs, cfg, steps)
-        out = _optimise(
-            unit, inputs, targets, fp_inputs, cfg, device, generator, tokens_last, steps, scales, alphas, desc, progress
-        )
+        out = _optimise(unit, _Data(inputs, targets, fp_inputs, grad_rows), cfg, device, generator, tokens_last,
+                        steps, scales, alphas, _LossRun(loss, refresh), desc, progress)  # fmt: skip
         if adaround:
             out["flip_frac"] = _flip_fraction(unit)
             harden_adaround(unit)
@@ -329,11 +345,33 @@ def _scale_optimiser(quantizers: list[UniformQuantizer], cfg: ReconConfig, steps
     return scales
 
 
+@dataclass
+class _Data:
+    """The cached rows of one unit: inputs, FP targets, FP inputs (input mixing), loss gradient rows."""
+
+    inputs: TensorCache
+    targets: TensorCache
+    fp_inputs: TensorCache | None
+    grad_rows: TensorCache | None
+
+
+@dataclass
+class _LossRun:
+    """The loss of one unit and its refresh function (FIMA-Q)."""
+
+    loss: ReconLoss
+    refresh: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None
+
+    def before_step(self, it: int) -> None:
+        if self.loss.refresh(it):
+            if self.refresh is None:
+                raise ValueError(f"loss {self.loss.name!r} refreshes at step {it} but no refresh function was given")
+            self.loss.update(*self.refresh())
+
+
 def _optimise(
     unit: nn.Module,
-    inputs: TensorCache,
-    targets: TensorCache,
-    fp_inputs: TensorCache | None,
+    data: _Data,
     cfg: ReconConfig,
     device: torch.device,
     generator: torch.Generator,
@@ -341,6 +379,7 @@ def _optimise(
     steps: list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]],
     scales: list[nn.Parameter],
     alphas: list[nn.Module],
+    loss_run: _LossRun,
     desc: str,
     progress: bool,
 ) -> dict[str, float]:
@@ -353,9 +392,12 @@ def _optimise(
     out = {"loss_first": nan, "loss_last": nan, "rec_first": nan, "rec_last": nan, "round_first": nan, "round_last": nan}
     with torch.enable_grad():
         for it in tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False):
-            idx = torch.randperm(inputs.n, generator=generator)[: cfg.batch_size].sort().values
-            x = _batch(inputs, fp_inputs, idx, cfg.input_mix, device)
-            rec = recon_loss(unit(x), targets.gather(idx, device), tokens_last, cfg.loss_p)
+            loss_run.before_step(it)
+            idx = torch.randperm(data.inputs.n, generator=generator)[: cfg.batch_size].sort().values
+            x = _batch(data.inputs, data.fp_inputs, idx, cfg.input_mix, device)
+            grad = None if data.grad_rows is None else data.grad_rows.gather(idx, device)
+            state = LossState(grad=grad, idx=idx, tokens_last=tokens_last)
+            rec = loss_run.loss(unit(x), data.targets.gather(idx, device), state)
             rnd = _rounding_loss(alphas, cfg, it + 1)
             loss = rec if rnd is None else rec + rnd
             for opt, _ in steps:

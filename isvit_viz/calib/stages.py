@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .losses import LOSSES as LOSS_REGISTRY
+from .losses import ReconLoss, make_loss
+
 #: Where the inputs of each reconstructed unit come from (:class:`Reconstruct`).
 INPUTS = ("fp", "quantized")
 #: Weight state of the model during a reconstruction.
@@ -24,9 +27,11 @@ WEIGHTS = ("fp", "quantized")
 ACTIVATIONS = ("quantized", "fp")
 #: How weights are trained (``isvit_viz.calib.recon.ROUNDINGS``); ``"fixed"``: not at all.
 ROUNDINGS = ("ste", "adaround", "fixed")
-#: Reconstruction losses: ``"mse"`` is the official ``lp_loss`` (squared error summed over dim 1);
-#: ``"lp"`` the same with ``|error| ** loss_p`` (BRECQ / QDrop: p = 2.4).
-LOSSES = ("mse", "lp")
+#: Reconstruction losses (:data:`isvit_viz.calib.losses.LOSSES`): ``"mse"`` is the official ``lp_loss``
+#: (squared error summed over dim 1); ``"lp"`` the same with ``|error| ** loss_p`` (BRECQ / QDrop:
+#: p = 2.4); ``"fisher_diag"`` (BRECQ), ``"hessian_perturb"`` (APHQ-ViT), ``"fisher_dplr"`` (FIMA-Q),
+#: ``"kl_div"`` (head units of APHQ-ViT / FIMA-Q). Settings other than the defaults: :class:`Loss`.
+LOSSES = tuple(LOSS_REGISTRY)
 #: Weight state during a :class:`Calibrate` pass.
 CALIBRATE_WEIGHTS = ("fp", "calibrate", "quantized")
 #: Layer-wise zero-point after reparameterization: ``"round"`` (integer mean, exact) or ``"mean"``.
@@ -39,6 +44,37 @@ class Mix:
     (0 < p < 1) and the quantized model's otherwise (a fresh mask every step)."""
 
     p: float
+
+
+@dataclass(frozen=True, init=False)
+class Loss:
+    """A reconstruction loss with settings: ``Loss("fisher_dplr", k=5, p1=1.0)`` (a plain name such as
+    ``"mse"`` means the loss with its defaults). Settings are those of the registered class
+    (:func:`isvit_viz.calib.losses.make_loss`); they are checked when the stage is put into a method.
+    """
+
+    name: str
+    settings: tuple[tuple[str, Any], ...]
+
+    def __init__(self, name: str, **settings: Any) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "settings", tuple(sorted(settings.items())))
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def build(self) -> ReconLoss:
+        """A fresh loss object (``ValueError`` naming the value for an unknown name or bad setting)."""
+        return make_loss(self.name, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"Loss({', '.join([repr(self.name)] + [f'{k}={v!r}' for k, v in self.settings])})"
+
+
+def as_loss(loss: str | Loss) -> Loss:
+    """A stage's ``loss`` / ``head_loss`` field as a :class:`Loss` (a name gets the defaults)."""
+    return loss if isinstance(loss, Loss) else Loss(loss)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +125,13 @@ class Reconstruct(Stage):
             quantization off: BRECQ's weight pass).
         rounding: ``"ste"`` (latent FP weights trained through the fake quantizer), ``"adaround"`` or
             ``"fixed"`` (weights not trained: only the activation step sizes learn, BRECQ's activation pass).
-        loss / loss_p: ``"mse"`` (squared error summed over the token axis) or ``"lp"`` (``|error| ** loss_p``).
+        loss / loss_p: a registered loss name (:data:`LOSSES`) or a :class:`Loss` with settings:
+            ``"mse"`` (squared error summed over the token axis), ``"lp"`` (``|error| ** loss_p``), the
+            Hessian / Fisher losses (``"fisher_diag"``, ``"hessian_perturb"``, ``"fisher_dplr"``: the
+            engine computes the task-loss gradients they need, :mod:`isvit_viz.calib.task_grads`) or
+            ``"kl_div"``. ``loss_p`` applies to ``"lp"`` only.
+        head_loss: the loss of the classifier-head units (``head``, ``head.fc``, ``head_dist``);
+            ``None``: the same as ``loss``. APHQ-ViT and FIMA-Q use ``"kl_div"``.
         iters / batch_size / lr: Adam steps per unit, mini-batch, learning rate of STE weights; ``None``
             takes the run default (``quantize()``: 1000 steps, 200 at >= 6-bit activations; batch 64;
             lr 4e-5). ``quantize(iters=..., batch_size=..., lr=...)`` given explicitly overrides every
@@ -106,8 +148,9 @@ class Reconstruct(Stage):
     weights: str = "quantized"
     activations: str = "quantized"
     rounding: str = "ste"
-    loss: str = "mse"
+    loss: str | Loss = "mse"
     loss_p: float = 2.0
+    head_loss: str | Loss | None = None
     iters: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -163,7 +206,11 @@ def stage_dict(stage: Stage) -> dict[str, Any]:
     """JSON-ready description of a stage: ``{"stage": class name, "name": ..., "event": ..., **settings}``."""
     out: dict[str, Any] = {"stage": type(stage).__name__, "name": stage.name, "event": stage.event}
     for key, val in stage.settings().items():
-        out[key] = {"mix": val.p} if isinstance(val, Mix) else val
+        if isinstance(val, Mix):
+            val = {"mix": val.p}
+        elif isinstance(val, Loss):
+            val = {"loss": val.name, **val.kwargs}
+        out[key] = val
     return out
 
 
@@ -248,10 +295,10 @@ class _StageChecker:
             raise self.fail("weights", f"must be one of {WEIGHTS}, got {s.weights!r}")
         if s.rounding not in ROUNDINGS:
             raise self.fail("rounding", f"unknown rounding {s.rounding!r}; valid: {ROUNDINGS}")
-        if s.loss not in LOSSES:
-            raise self.fail("loss", f"unknown loss {s.loss!r}; valid: {LOSSES}")
-        if not _positive(s.loss_p) or (s.loss == "mse" and s.loss_p != 2.0):
-            raise self.fail("loss_p", f"must be a positive finite number (2 with loss='mse'), got {s.loss_p!r}")
+        for key in ("loss", "head_loss"):
+            self._loss(key, getattr(s, key))
+        if not _positive(s.loss_p) or (s.loss != "lp" and s.loss_p != 2.0):
+            raise self.fail("loss_p", f"must be a positive finite number, and 2 unless loss='lp', got {s.loss_p!r}")
         if not isinstance(s.act_scale_grad_scale, bool):
             raise self.fail("act_scale_grad_scale", f"must be True or False, got {s.act_scale_grad_scale!r}")
         if s.iters is not None and not (_is_int(s.iters) and s.iters >= 0):
@@ -273,6 +320,18 @@ class _StageChecker:
         if s.rounding == "fixed" and (s.act_scale_lr is None or s.activations != "quantized"):
             raise self.fail("rounding", "'fixed' trains no weights, so it needs quantized activations whose step "
                                         "sizes learn (activations='quantized', act_scale_lr)")  # fmt: skip
+
+    def _loss(self, key: str, loss: Any) -> None:
+        if loss is None and key == "head_loss":
+            return
+        if not isinstance(loss, (str, Loss)):
+            raise self.fail(key, f"must be a loss name or Loss(name, **settings), got {loss!r}")
+        if as_loss(loss).name not in LOSS_REGISTRY:  # the live registry: user-registered losses count
+            raise self.fail(key, f"unknown loss {as_loss(loss).name!r}; valid: {tuple(LOSS_REGISTRY)}")
+        try:
+            as_loss(loss).build()
+        except (ValueError, TypeError) as e:
+            raise self.fail(key, str(e)) from None
 
     def _reparameterize(self, s: Reparameterize) -> None:
         if not self.acts_calibrated:
