@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import isvit_viz as iv
-from isvit_viz.calib import Calibrate, Loss, Method, Reconstruct, engine
+from isvit_viz.calib import Calibrate, Loss, Method, Reconstruct, engine, pipeline
 from isvit_viz.calib.losses import LOSSES, FisherDPLRLoss, KLHeadLoss, LpLoss, output_grads
 from isvit_viz.calib.task_grads import model_logits, unit_output_grads
 from isvit_viz.models import load_embedded
@@ -147,3 +147,10 @@ def test_loss_spec_is_data():
     assert spec == Loss("fisher_dplr", k=3, p2=0.5) and repr(spec) == "Loss('fisher_dplr', k=3, p2=0.5)"
     built = spec.build()
     assert isinstance(built, FisherDPLRLoss) and (built.k, built.p2) == (3, 0.5)
+
+
+def test_a_budget_too_small_for_the_refresh_schedule_fails_before_any_work(vit, monkeypatch):
+    model, calib = vit
+    monkeypatch.setattr(pipeline, "run_stages", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match=r"Reconstruct 'reconstruct': loss: k=5 Fisher refreshes do not fit into iters=2 steps"):
+        iv.quantize(model, "fima-q", 4, 4, calib, **{**KW, "iters": 2})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import isvit_viz as iv
-from isvit_viz.calib import METHODS, reconstruction_units, reparameterize
+from isvit_viz.calib import METHODS, Loss, reconstruction_units, reparameterize
 from isvit_viz.calib.reparam import post_ln_pairs
 from isvit_viz.models import build_from_spec, create
 from isvit_viz.quant import SULQ, UniformQuantizer
@@ -164,6 +164,10 @@ def test_every_method_runs(method, name, images):
     spec = METHODS[method]
     if method == "ptq4vit":  # the full Hessian search takes minutes; a small one exercises the same code
         spec = replace(spec, stages=(replace(spec.stages[0], images=16, candidates=10, rounds=1),))
+    if method == "fima-q":  # k = 5 Fisher refreshes need >= 5 steps; two refreshes in two steps exercise the same code
+        spec = replace(
+            spec, stages=(*spec.stages[:-1], replace(spec.stages[-1], loss=Loss("fisher_dplr", k=2, temperature=20.0)))
+        )
     res = iv.quantize(m, spec, 4, 4, images[:64], iters=2, batch_size=32, progress=False)
     with torch.no_grad():
         out = res.model(images[:8])

@@ -12,11 +12,12 @@ from .pipeline import QuantResult, quantize, reconstruction_units
 from .provenance import Source, describe, describe_markdown
 from .recon import ReconConfig, reconstruct_unit
 from .reparam import fold_channel_scales, reparameterize
-from .stages import Calibrate, HessianCalibrate, Loss, Mix, Reconstruct, Reparameterize, Requantize, Stage
+from .stages import Calibrate, ChooseSoftmax, HessianCalibrate, Loss, Mix, Reconstruct, Reparameterize, Requantize, Stage
 
 __all__ = [
     "METHODS",
     "Calibrate",
+    "ChooseSoftmax",
     "HessianCalibrate",
     "Loss",
     "Method",

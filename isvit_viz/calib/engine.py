@@ -22,15 +22,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..quant.wrap import calibrate_activations, calibrate_weights, quant_modules, set_quant_state
 from ..utils import atomic_torch_save
 from .cache import MemoryBudget, TensorCache
 from .capture import capture_unit_io
+from .choose import choose_softmax_quantizers, install_softmax_quantizers
 from .losses import ReconLoss, make_loss
 from .recon import ReconConfig, act_scale_quantizers, reconstruct_unit
 from .reparam import reparameterize
-from .stages import Calibrate, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, as_loss
+from .stages import Calibrate, ChooseSoftmax, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, as_loss
 from .task_grads import model_logits, unit_output_grads
 
 #: Run defaults of reconstruction stages that leave ``batch_size`` / ``lr`` unset (I&S-ViT paper §5.1).
@@ -122,6 +124,7 @@ class EngineContext:
     run: RunSettings
     model_kind: str
     label: str = "method"
+    quant_config: QuantConfig | None = None
     progress: bool = True
     checkpoint: _Checkpoint | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -176,6 +179,20 @@ def _hessian(stage: HessianCalibrate, ctx: EngineContext) -> None:
     cfg = HessianConfig(n_candidates=stage.candidates, rounds=stage.rounds)
     hessian_calibrate(ctx.qmodel, ctx.images[: stage.images].to(ctx.device), cfg=cfg, progress=ctx.progress)
     set_quant_state(ctx.qmodel, weight=True, act=True)
+
+
+@register_stage(ChooseSoftmax)
+def _choose_softmax(stage: ChooseSoftmax, ctx: EngineContext) -> None:
+    if ctx.quant_config is None:
+        raise ValueError(f"{stage.name}: the engine context has no quant_config (the placement to build candidates)")
+    found = choose_softmax_quantizers(ctx.qmodel, ctx.quant_config, ctx.images[: stage.images], stage.candidates, ctx.device)
+    for path, rec in found.items():
+        ctx.unit_losses.append({"stage": stage.name, "unit": path, "softmax_choice": rec.pop("choice"), "errors": rec})
+
+
+def softmax_choices(unit_losses: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Attention path -> chosen post-softmax quantizer, from the records of ``ChooseSoftmax`` stages (last wins)."""
+    return {u["unit"]: u["softmax_choice"] for u in unit_losses if "softmax_choice" in u}
 
 
 @register_stage(Reparameterize)
@@ -364,6 +381,9 @@ class _Checkpoint:
             raise self._refuse(f"was written by isvit_viz {theirs}, this is {ours}; results would mix two code versions")
         if meta["config"] != self.config:
             raise self._refuse("was written for a different run configuration")
+        choices = softmax_choices(meta["unit_losses"])
+        if choices:  # a ChooseSoftmax stage ran: the same quantizer types before the state is loaded
+            install_softmax_quantizers(qmodel, QuantConfig.from_dict(self.config["quant_config"]), choices)
         qmodel.load_state_dict(state["model"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

@@ -19,12 +19,12 @@ from typing import Any
 from ..quant.config import PTQ4VIT_TWIN
 from ..quant.uniform import ACT_PERCENTILES
 from .provenance import PROVENANCE, Source, ablation_no_sos, ablation_softmax
-from .stages import Calibrate, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, check_stages
+from .stages import Calibrate, HessianCalibrate, Loss, Mix, Reconstruct, Reparameterize, Requantize, Stage, check_stages
 
 #: Method fields that place quantizers (passed to :class:`isvit_viz.quant.config.QuantConfig`).
 PLACEMENT_FIELDS = (
     "softmax", "softmax_kwargs", "post_ln", "post_gelu", "weight_granularity", "act_init", "weight_init",
-    "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits",
+    "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits", "matmul_granularity",
 )  # fmt: skip
 
 
@@ -54,6 +54,7 @@ class Method:
     reduction_post_ln: str = "layer"
     weight_percentiles: tuple[float, ...] | None = None
     first_last_bits: int | None = None
+    matmul_granularity: str = "tensor"
     description: str = ""
     provenance: Mapping[str, Source] = field(default_factory=dict)
 
@@ -241,6 +242,34 @@ METHODS: dict[str, Method] = {
         post_ln="layer",
         description="QDrop's activation dropping on I&S-ViT's reconstruction (this package's 'qdrop' before 0.2): "
         "STE weights, fixed activation scales, quantized block inputs, I&S-ViT's steps and batch",
+    ),
+    "fima-q": _registered(
+        "fima-q",
+        stages=(
+            Calibrate(weights="fp", images=128),
+            Reparameterize(name="weights", event=None, zero_point="mean"),
+            Requantize(name="weights", event=None),
+            Reconstruct(
+                name="reconstruct",
+                event="reconstructed",
+                inputs=Mix(0.5),
+                rounding="adaround",
+                loss=Loss("fisher_dplr", k=5, p1=1.0, p2=1.0, mode="q", temperature=20.0),
+                head_loss="kl_div",
+                iters=20000,
+                batch_size=32,
+                act_drop_prob=0.5,
+                act_scale_lr=4e-5,
+                act_scale_grad_scale=False,
+            ),
+        ),
+        softmax="uniform",
+        post_ln="channel",
+        reduction_post_ln="channel",
+        matmul_granularity="head",
+        description="FIMA-Q (CVPR 2025): RepQ-style folded channel-wise post-LN, per-head uniform attention quantizers, "
+        "AdaRound + QDrop block reconstruction with the diagonal-plus-low-rank Fisher loss (k = 5 refreshes), KL head; "
+        "20k steps, batch 32",
     ),
     "minmax": _registered(
         "minmax",

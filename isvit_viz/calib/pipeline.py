@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,19 @@ from torch import nn
 from ..quant.wrap import quantize_model, supported_model
 from ..utils import resolve_device
 from .cache import MemoryBudget
-from .engine import EngineContext, RunSettings, StageCallback, _Checkpoint, check_handlers, reconstruction_units, run_stages
+from .engine import (
+    EngineContext,
+    RunSettings,
+    StageCallback,
+    _Checkpoint,
+    check_handlers,
+    reconstruction_units,
+    run_stages,
+    softmax_choices,
+)
 from .methods import Method, resolve_method
 from .recon import ReconConfig
-from .stages import Reconstruct, stage_dict
+from .stages import Reconstruct, as_loss, stage_dict
 
 
 @dataclass
@@ -97,6 +106,19 @@ def _stage_record(m: Method, run: RunSettings) -> tuple[int, list[dict[str, Any]
     return iters, [stage_dict(s) for s in resolved]
 
 
+def _check_loss_schedule(stage: Reconstruct, iters: int) -> None:
+    """``ValueError`` before any work if a stage's loss cannot run ``iters`` steps (FIMA-Q: k refreshes)."""
+    if iters < 1:
+        return
+    for key in ("loss", "head_loss"):
+        spec = getattr(stage, key)
+        if spec is not None:
+            try:
+                as_loss(spec).build().start(iters)
+            except ValueError as e:
+                raise ValueError(f"Reconstruct {stage.name!r}: {key}: {e}") from None
+
+
 def quantize(
     model: nn.Module,
     method: str | Method,
@@ -121,7 +143,7 @@ def quantize(
     Args:
         model: FP timm model (left unchanged; a copy is quantized and another copy is the teacher).
         method: a registered name (``isvit``, ``isvit-official``, ``qdrop``, ``brecq``, ``repq-vit``,
-            ``ptq4vit``, the cheaper ``qdrop-ste``, ``reparam-logsqrt2``, ``twin-uniform-mse``, and ``minmax``;
+            ``ptq4vit``, ``fima-q``, the cheaper ``qdrop-ste``, ``reparam-logsqrt2``, ``twin-uniform-mse``, and ``minmax``;
             :data:`~isvit_viz.calib.METHODS`) or your own :class:`~isvit_viz.calib.Method`.
         w_bits / a_bits: bit-widths (2..16).
         calib: calibration images, a tensor [N, C, H, W] or a DataLoader of (images, labels).
@@ -161,6 +183,7 @@ def quantize(
     recon = [s for s in m.stages if isinstance(s, Reconstruct)]
     for s in recon:
         run.recon_config(s)  # each stage's resolved settings, before any work
+        _check_loss_schedule(s, run.resolve(s).iters)
     images = _as_image_tensor(calib)
     check_input_shape(model, images)
     for s in recon:
@@ -184,7 +207,7 @@ def quantize(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # QDrop masks use the global RNG
     ctx = EngineContext(qmodel=qmodel, teacher=teacher, images=images, device=dev, budget=MemoryBudget(memory_budget, device=dev),
-                        generator=gen, run=run, model_kind=kind, label=m.name, progress=progress)  # fmt: skip
+                        generator=gen, run=run, model_kind=kind, label=m.name, progress=progress, quant_config=qcfg)  # fmt: skip
     ctx.checkpoint = _Checkpoint(checkpoint_dir, config) if checkpoint_dir is not None else None
     resume = ctx.checkpoint.load(qmodel, gen) if ctx.checkpoint else None
     if resume:
@@ -193,6 +216,9 @@ def quantize(
         ctx.stages_done = list(resume["stages_done"])
     run_stages(m.stages, ctx, cbs, resume)
     ctx.timings["total"] = sum(v for k, v in ctx.timings.items() if k != "total")
+    choices = softmax_choices(ctx.unit_losses)
+    if choices:  # so save_quantized / load_quantized rebuild the chosen quantizers
+        config["quant_config"] = replace(qcfg, softmax_layers={**qcfg.softmax_layers, **choices}).to_dict()
     qmodel.eval()
     if ctx.checkpoint:
         ctx.checkpoint.finish()

@@ -268,6 +268,42 @@ _QDROP_STE = _renamed({
     "reconstruct.act_scale_grad_scale": Source(_NO_GRAD_SCALE),
 }, "QDrop")  # fmt: skip
 
+_FQ = "FIMA-Q code (ShiheWang/FIMA-Q HEAD 64c4b00)"
+_FIMAQ = {
+    "stages": Source(f"{_FQ}: calibrate every quantizer, fold channel-wise post-LN scales RepQ-style, then block "
+                     "reconstruction of every unit (patch embedding, blocks, PatchMerging, head)"),
+    "softmax": Source(f"{_FQ}: asymmetric uniform post-softmax quantizer (its log2 quantizer is defined but unused)"),
+    "softmax_kwargs": Source("UniformQuantizer defaults (asymmetric)"),
+    "post_ln": Source(f"{_FQ} wrap_net.py / linear.py: qkv and fc1 inputs calibrated per channel, folded into the LayerNorm"),
+    "post_gelu": Source(f"{_FQ}: per-tensor asymmetric uniform fc2 input"),
+    "weight_granularity": Source(f"{_FQ}: one scale and zero-point per output channel"),
+    "act_init": _dev(f"percentile-MSE search on the quantizer input; {_FQ}: output-MSE grid search, 128 candidates, 3 rounds"),
+    "weight_init": _dev(f"percentile-MSE search on the weights; {_FQ}: output-MSE grid search, 128 candidates, 3 rounds"),
+    "input_bits": Source(f"{_FQ} conv.py: the patch-embedding input is not quantized"),
+    "reduction_post_ln": Source(f"{_FQ}: Swin PatchMerging reduction input per channel, folded like qkv/fc1"),
+    "weight_percentiles": _OUR_PCT,
+    "first_last_bits": Source(f"{_FQ}: patch-embedding and head weights and the head input at the low bit-width"),
+    "matmul_granularity": _dev(f"one scale per head; {_FQ} configs set token_channel_wise=True: per head x token "
+                               "scales, equal at initialisation, diverging only through step-size learning (not implemented)"),
+    "calibrate.weights": Source(f"{_FQ}: the model is FP while each quantizer is calibrated"),
+    "calibrate.images": Source(f"{_FQ}: 128 calibration images for the initial search"),
+    "weights.zero_point": Source(f"{_FQ} (RepQ-ViT's fold): fractional mean zero-point"),
+    "reconstruct.inputs": Source(f"{_FQ}: QDrop input mixing p = 0.5 (quantized-model vs FP input of the unit)"),
+    "reconstruct.weights": Source(f"{_FQ}: quantized weights with AdaRound"),
+    "reconstruct.activations": Source(f"{_FQ}: {_ACTS_ON}"),
+    "reconstruct.rounding": Source(f"{_FQ}: AdaRound, Adam 1e-3, regulariser 0.01, beta 20 -> 2 after 20 % warm-up"),
+    "reconstruct.loss": Source(f"{_FQ} configs/*bit/best.py: metric 'fisher_dplr', k = 5, p1 = p2 = 1, dis_mode 'q', temp 20 "
+                               "(utils/block_recon.py LossFunction, new_fisher_ro)"),
+    "reconstruct.loss_p": Source("unused: the Fisher loss squares the error"),
+    "reconstruct.head_loss": Source(f"{_FQ} utils/block_recon.py: KL (T = 1, batchmean, not normalised) for the head"),
+    "reconstruct.iters": Source(f"{_FQ}: 20,000 iterations per unit"),
+    "reconstruct.batch_size": Source(f"{_FQ}: batch 32"),
+    "reconstruct.lr": Source("unused with AdaRound (alpha: Adam 1e-3)"),
+    "reconstruct.act_drop_prob": Source(f"{_FQ}: QDrop p = 0.5 inside the unit"),
+    "reconstruct.act_scale_lr": Source(f"{_FQ}: activation step sizes learned, Adam 4e-5, cosine"),
+    "reconstruct.act_scale_grad_scale": Source(f"{_FQ}: plain step-size gradient (no LSQ gradient scale)"),
+}  # fmt: skip
+
 _MINMAX_WHY = "min/max per tensor is the textbook baseline every method here should beat"
 _MINMAX = {
     **_calibration_only(_ours(_MINMAX_WHY), _ours("it is I&S-ViT's official init count (64)"),
@@ -313,8 +349,27 @@ PROVENANCE: dict[str, dict[str, Source]] = {
     "brecq": _BRECQ,
     "qdrop": _QDROP,
     "qdrop-ste": _QDROP_STE,
+    "fima-q": _FIMAQ,
     "minmax": _MINMAX,
 }
+
+
+_TENSOR_MM = "per-tensor uniform quantizers on the attention-matmul operands"
+#: ``matmul_granularity`` of the methods before FIMA-Q (all per tensor).
+_MATMUL = {
+    "isvit": Source(f"official code quant/quant_model.py: {_TENSOR_MM} (method.md §2.1)"),
+    "isvit-official": Source(f"official code quant/quant_model.py: {_TENSOR_MM} (method.md §2.1)"),
+    "repq-vit": Source(f"RepQ-ViT code quant/quant_modules.py QuantMatMul: {_TENSOR_MM}"),
+    "reparam-logsqrt2": Source(f"I&S-ViT's placement: {_TENSOR_MM}"),
+    "ptq4vit": Source("PTQ4ViT code: one (twin) scale per matmul operand"),
+    "twin-uniform-mse": Source(f"PTQ4ViT: {_TENSOR_MM}"),
+    "brecq": Source("BRECQ/QDrop: per-tensor activation quantizers"),
+    "qdrop": Source("BRECQ/QDrop: per-tensor activation quantizers"),
+    "qdrop-ste": Source("BRECQ/QDrop: per-tensor activation quantizers"),
+    "minmax": _ours(_MINMAX_WHY),
+}
+for _name, _src in _MATMUL.items():
+    PROVENANCE[_name]["matmul_granularity"] = _src
 
 
 # ------------------------------------------------------------------------------------ ablations

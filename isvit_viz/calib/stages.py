@@ -202,6 +202,24 @@ class HessianCalibrate(Stage):
     rounds: int = 3
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChooseSoftmax(Stage):
+    """Give every attention the post-softmax quantizer with the lowest attention-output error among
+    ``candidates`` (:func:`isvit_viz.calib.choose.choose_softmax_quantizers`); needs calibrated
+    activations. The choices are recorded per attention (``unit_losses``, ``quant_config.softmax_layers``).
+
+    Attributes:
+        candidates: quantizer names (:data:`isvit_viz.quant.config.SOFTMAX_QUANTIZERS`); the method's own
+            ``softmax`` keeps its ``softmax_kwargs``.
+        images: the first ``images`` calibration images; ``None``: all of them.
+    """
+
+    name: str = "choose_softmax"
+    event: str | None = None
+    candidates: tuple[str, ...] = ("sulq", "uniform", "logsqrt2")
+    images: int | None = 256
+
+
 def stage_dict(stage: Stage) -> dict[str, Any]:
     """JSON-ready description of a stage: ``{"stage": class name, "name": ..., "event": ..., **settings}``."""
     out: dict[str, Any] = {"stage": type(stage).__name__, "name": stage.name, "event": stage.event}
@@ -246,7 +264,7 @@ class _StageChecker:
             raise self.fail("event", f"must be a string or None, got {stage.event!r}")
         for kind, check in ((Calibrate, self._calibrate), (Reconstruct, self._reconstruct),
                             (Reparameterize, self._reparameterize), (Requantize, self._requantize),
-                            (HessianCalibrate, self._hessian)):  # fmt: skip
+                            (HessianCalibrate, self._hessian), (ChooseSoftmax, self._choose)):  # fmt: skip
             if isinstance(stage, kind):
                 check(stage)
 
@@ -320,6 +338,20 @@ class _StageChecker:
         if s.rounding == "fixed" and (s.act_scale_lr is None or s.activations != "quantized"):
             raise self.fail("rounding", "'fixed' trains no weights, so it needs quantized activations whose step "
                                         "sizes learn (activations='quantized', act_scale_lr)")  # fmt: skip
+
+    def _choose(self, s: ChooseSoftmax) -> None:
+        from ..quant.config import PTQ4VIT_TWIN
+        from ..quant.registry import QUANTIZERS
+
+        if not self.acts_calibrated:
+            raise self.fail("stage order", "choosing quantizers before calibration; put a Calibrate stage first")
+        names = s.candidates
+        if isinstance(names, str) or not isinstance(names, (tuple, list)) or not names:
+            raise self.fail("candidates", f"must be a non-empty tuple of quantizer names, got {names!r}")
+        for n in names:
+            if n not in QUANTIZERS and n != PTQ4VIT_TWIN:
+                raise self.fail("candidates", f"unknown quantizer {n!r}; valid: {sorted(QUANTIZERS) + [PTQ4VIT_TWIN]}")
+        self._images(s.images)
 
     def _loss(self, key: str, loss: Any) -> None:
         if loss is None and key == "head_loss":

@@ -36,6 +36,13 @@ class QuantConfig:
         first_last_bits: bit-width of the first and last layers (the patch-embedding weights, the head
             weights and the head input), as BRECQ and QDrop keep them (8); ``None`` (default): ``w_bits``
             / ``a_bits`` like every other layer, as I&S-ViT.
+        matmul_granularity: scales of the uniform quantizers on the attention-matmul operands (q, k,
+            v and a uniform post-softmax map, [B, heads, N, d]): ``"tensor"`` (one scale, I&S-ViT) or
+            ``"head"`` (one per head: APHQ-ViT / FIMA-Q).
+        softmax_layers: per-attention overrides of ``softmax``: module path of a timm ``Attention`` /
+            ``WindowAttention`` -> quantizer name (``softmax_kwargs`` apply only where the name equals
+            ``softmax``). Written by the ``ChooseSoftmax`` calibration stage, so a saved model or a
+            resumed run rebuilds the same quantizers.
     """
 
     w_bits: int = 4
@@ -51,6 +58,8 @@ class QuantConfig:
     reduction_post_ln: str = "layer"
     weight_percentiles: tuple[float, ...] | None = None
     first_last_bits: int | None = None
+    matmul_granularity: str = "tensor"
+    softmax_layers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits)
@@ -61,8 +70,9 @@ class QuantConfig:
                     check_bits(getattr(self, name))
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
-        if self.softmax not in QUANTIZERS and self.softmax != PTQ4VIT_TWIN:
-            raise ValueError(f"unknown softmax quantizer {self.softmax!r}; valid: {sorted(QUANTIZERS) + [PTQ4VIT_TWIN]}")
+        for where, name in (("softmax", self.softmax), *((f"softmax_layers[{k!r}]", v) for k, v in self.softmax_layers.items())):
+            if name not in QUANTIZERS and name != PTQ4VIT_TWIN:
+                raise ValueError(f"{where}: unknown softmax quantizer {name!r}; valid: {sorted(QUANTIZERS) + [PTQ4VIT_TWIN]}")
         if self.weight_percentiles is not None:  # a JSON round trip gives a list
             object.__setattr__(self, "weight_percentiles", tuple(float(p) for p in self.weight_percentiles))
         for name, val, ok in (
@@ -70,6 +80,7 @@ class QuantConfig:
             ("reduction_post_ln", self.reduction_post_ln, ("channel", "layer")),
             ("post_gelu", self.post_gelu, ("uniform", "twin_uniform", PTQ4VIT_TWIN)),
             ("weight_granularity", self.weight_granularity, ("channel", "tensor")),
+            ("matmul_granularity", self.matmul_granularity, ("tensor", "head")),
             ("act_init", self.act_init, ("percentile_mse", "minmax")),
             ("weight_init", self.weight_init, ("percentile_mse", "minmax")),
         ):

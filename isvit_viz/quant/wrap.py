@@ -49,14 +49,24 @@ def _weight_quantizer(cfg: QuantConfig, bits: int | None = None) -> UniformQuant
     return UniformQuantizer(bits or cfg.w_bits, channel_axis=axis, init=cfg.weight_init, percentiles=pcts)
 
 
-def _softmax_quantizer(cfg: QuantConfig) -> Quantizer:
-    if cfg.softmax == PTQ4VIT_TWIN:
-        return PTQ4ViTSoftmaxQuantizer(cfg.a_bits, **cfg.softmax_kwargs)
-    if cfg.softmax == "uniform":
-        return UniformQuantizer(cfg.a_bits, init=cfg.act_init, **cfg.softmax_kwargs)
-    if cfg.softmax == "twin_uniform":
-        return TwinUniformQuantizer(cfg.a_bits, kind="softmax", **cfg.softmax_kwargs)
-    return make_quantizer(cfg.softmax, cfg.a_bits, **cfg.softmax_kwargs)
+def _matmul_quantizer(cfg: QuantConfig) -> UniformQuantizer:
+    """Quantizer of an attention-matmul operand [B, heads, N, d]: per tensor or per head (axis 1)."""
+    return UniformQuantizer(cfg.a_bits, channel_axis=1 if cfg.matmul_granularity == "head" else None, init=cfg.act_init)
+
+
+def softmax_quantizer(cfg: QuantConfig, name: str | None = None) -> Quantizer:
+    """A fresh post-softmax quantizer of type ``name`` (default ``cfg.softmax``) at ``cfg.a_bits``;
+    ``cfg.softmax_kwargs`` apply when ``name`` is ``cfg.softmax``."""
+    name = cfg.softmax if name is None else name
+    kw = cfg.softmax_kwargs if name == cfg.softmax else {}
+    if name == PTQ4VIT_TWIN:
+        return PTQ4ViTSoftmaxQuantizer(cfg.a_bits, **kw)
+    if name == "uniform":
+        axis = 1 if cfg.matmul_granularity == "head" else None
+        return UniformQuantizer(cfg.a_bits, init=cfg.act_init, **{"channel_axis": axis, **kw})
+    if name == "twin_uniform":
+        return TwinUniformQuantizer(cfg.a_bits, kind="softmax", **kw)
+    return make_quantizer(name, cfg.a_bits, **kw)
 
 
 def patch_merging_links(model: nn.Module) -> list[tuple[str, str]]:
@@ -87,6 +97,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     weight quantizer, and a per-tensor ``cfg.input_bits`` quantizer on the image when that is set; both
     attention matmuls get operand quantizers, with ``cfg.softmax`` on the post-softmax operand. With
     ``cfg.first_last_bits`` the patch-embedding weights and the head's weights and input use that width.
+    ``cfg.softmax_layers`` overrides the post-softmax quantizer of single attentions (by module path).
     Quantization starts switched off (see :func:`set_quant_state`), so the model still computes FP.
 
     Raises:
@@ -105,8 +116,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (Attention, WindowAttention)):
-            mm1 = QuantMatMul(_act_quantizer(cfg), _act_quantizer(cfg))
-            mm2 = QuantMatMul(_softmax_quantizer(cfg), _act_quantizer(cfg))
+            mm1 = QuantMatMul(_matmul_quantizer(cfg), _matmul_quantizer(cfg))
+            mm2 = QuantMatMul(softmax_quantizer(cfg, cfg.softmax_layers.get(name)), _matmul_quantizer(cfg))
             if isinstance(mod, Attention):
                 mod.fused_attn = False
                 new: nn.Module = QuantAttention(mod, mm1, mm2)
