@@ -50,6 +50,8 @@ CASES: dict[str, tuple[str, str | tuple[str, dict], dict[str, Any]]] = {
     "swin/brecq": ("swin", "brecq", {}),
     "vit/qdrop": ("vit", "qdrop", {}),
     "vit/qdrop-ste": ("vit", "qdrop-ste", {}),
+    "vit/aphq-vit": ("vit", "aphq-vit", {}),
+    "swin/aphq-vit": ("swin", "aphq-vit", {}),
     "vit/fima-q": ("vit", ("fima-q", _FIMA_CHEAP), {}),
     "swin/fima-q": ("swin", ("fima-q", _FIMA_CHEAP), {}),
     "vit/minmax": ("vit", "minmax", {}),

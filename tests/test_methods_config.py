@@ -52,7 +52,7 @@ def test_describe_gives_every_setting_a_source(name, method):
     rows = describe(method)
     keys = [r["setting"] for r in rows]
     placement = ["softmax", "softmax_kwargs", "post_ln", "post_gelu", "weight_granularity", "act_init", "weight_init",
-                 "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits", "matmul_granularity"]  # fmt: skip
+                 "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits", "matmul_granularity", "mlp_act"]  # fmt: skip
     stage_keys = [f"{s.name}.{k}" for s in method.stages for k in s.settings()]
     assert keys == ["stages", *placement, *stage_keys]  # every field of the placement and of every stage
     assert [k for k, r in zip(keys, rows) if not r["source"]] == []  # no setting without a source

@@ -12,7 +12,7 @@ from .pipeline import QuantResult, quantize, reconstruction_units
 from .provenance import Source, describe, describe_markdown
 from .recon import ReconConfig, reconstruct_unit
 from .reparam import fold_channel_scales, reparameterize
-from .stages import Calibrate, ChooseSoftmax, HessianCalibrate, Loss, Mix, Reconstruct, Reparameterize, Requantize, Stage
+from .stages import Calibrate, ChooseSoftmax, HessianCalibrate, Loss, Mix, Reconstruct, ReluMLP, Reparameterize, Requantize, Stage
 
 __all__ = [
     "METHODS",
@@ -25,6 +25,7 @@ __all__ = [
     "QuantResult",
     "ReconConfig",
     "Reconstruct",
+    "ReluMLP",
     "Reparameterize",
     "Requantize",
     "Source",

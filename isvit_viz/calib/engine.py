@@ -32,7 +32,18 @@ from .choose import choose_softmax_quantizers, install_softmax_quantizers
 from .losses import ReconLoss, make_loss
 from .recon import ReconConfig, act_scale_quantizers, reconstruct_unit
 from .reparam import reparameterize
-from .stages import Calibrate, ChooseSoftmax, HessianCalibrate, Mix, Reconstruct, Reparameterize, Requantize, Stage, as_loss
+from .stages import (
+    Calibrate,
+    ChooseSoftmax,
+    HessianCalibrate,
+    Mix,
+    Reconstruct,
+    ReluMLP,
+    Reparameterize,
+    Requantize,
+    Stage,
+    as_loss,
+)
 from .task_grads import model_logits, unit_output_grads
 
 #: Run defaults of reconstruction stages that leave ``batch_size`` / ``lr`` unset (I&S-ViT paper §5.1).
@@ -179,6 +190,34 @@ def _hessian(stage: HessianCalibrate, ctx: EngineContext) -> None:
     cfg = HessianConfig(n_candidates=stage.candidates, rounds=stage.rounds)
     hessian_calibrate(ctx.qmodel, ctx.images[: stage.images].to(ctx.device), cfg=cfg, progress=ctx.progress)
     set_quant_state(ctx.qmodel, weight=True, act=True)
+
+
+@register_stage(ReluMLP)
+def _relu_mlp(stage: ReluMLP, ctx: EngineContext) -> None:
+    from .mlp_recon import MLPReconConfig, aph_weight, mlp_units, positive_quantile, reconstruct_mlp
+
+    set_quant_state(ctx.qmodel, weight=False, act=False)
+    a_bits = ctx.quant_config.a_bits if ctx.quant_config is not None else 8
+    cfg = MLPReconConfig(
+        iters=ctx.run.iters if ctx.run.iters is not None else stage.iters,
+        batch_size=ctx.run.batch_size if ctx.run.batch_size is not None else stage.batch_size,
+        lr=stage.lr, clamp_weight=stage.clamp_weight, eps=stage.eps, temperature=stage.temperature,
+        clamp_pct=stage.clamp_pct if stage.clamp_pct is not None else (0.99 if a_bits <= 3 else 0.98),
+    )  # fmt: skip
+    teacher64, logits64 = ctx.teacher_as(torch.float64)
+    for i, (path, mlp, t_mlp) in enumerate(mlp_units(ctx.qmodel, ctx.teacher)):
+        if i < ctx.start_unit:
+            continue  # done before a resume
+        x, y = capture_unit_io(ctx.teacher, t_mlp, ctx.images, ctx.budget, ctx.device)
+        try:
+            w = aph_weight(teacher64, teacher64.get_submodule(path), ctx.images, logits64, ctx.device, cfg.eps, cfg.temperature)
+            ub = positive_quantile(t_mlp, x, cfg.clamp_pct, ctx.device)
+            out = reconstruct_mlp(mlp, x, y, w, ub, cfg, ctx.device, ctx.generator, ctx.progress, desc=path)
+        finally:
+            x.close()
+            y.close()
+        ctx.unit_losses.append({"stage": stage.name, "unit": path, "ub": ub, **out})
+        ctx.save(next_unit=i + 1)
 
 
 @register_stage(ChooseSoftmax)

@@ -19,12 +19,12 @@ from typing import Any
 from ..quant.config import PTQ4VIT_TWIN
 from ..quant.uniform import ACT_PERCENTILES
 from .provenance import PROVENANCE, Source, ablation_no_sos, ablation_softmax
-from .stages import Calibrate, HessianCalibrate, Loss, Mix, Reconstruct, Reparameterize, Requantize, Stage, check_stages
+from .stages import Calibrate, HessianCalibrate, Loss, Mix, Reconstruct, ReluMLP, Reparameterize, Requantize, Stage, check_stages
 
 #: Method fields that place quantizers (passed to :class:`isvit_viz.quant.config.QuantConfig`).
 PLACEMENT_FIELDS = (
     "softmax", "softmax_kwargs", "post_ln", "post_gelu", "weight_granularity", "act_init", "weight_init",
-    "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits", "matmul_granularity",
+    "input_bits", "reduction_post_ln", "weight_percentiles", "first_last_bits", "matmul_granularity", "mlp_act",
 )  # fmt: skip
 
 
@@ -55,6 +55,7 @@ class Method:
     weight_percentiles: tuple[float, ...] | None = None
     first_last_bits: int | None = None
     matmul_granularity: str = "tensor"
+    mlp_act: str = "gelu"
     description: str = ""
     provenance: Mapping[str, Source] = field(default_factory=dict)
 
@@ -63,7 +64,7 @@ class Method:
             raise ValueError(f"Method.name must be a non-empty string, got {self.name!r}")
         self.quant_config(4, 4)  # placement values: QuantConfig's ValueError names the field
         channel = "channel" in (self.post_ln, self.reduction_post_ln)
-        object.__setattr__(self, "stages", check_stages(self.stages, channel))
+        object.__setattr__(self, "stages", check_stages(self.stages, channel, relu_mlp=self.mlp_act == "relu"))
         object.__setattr__(self, "softmax_kwargs", dict(self.softmax_kwargs))
         prov = {k: v if isinstance(v, Source) else Source(str(v)) for k, v in dict(self.provenance).items()}
         object.__setattr__(self, "provenance", prov)
@@ -242,6 +243,36 @@ METHODS: dict[str, Method] = {
         post_ln="layer",
         description="QDrop's activation dropping on I&S-ViT's reconstruction (this package's 'qdrop' before 0.2): "
         "STE weights, fixed activation scales, quantized block inputs, I&S-ViT's steps and batch",
+    ),
+    "aphq-vit": _registered(
+        "aphq-vit",
+        stages=(
+            ReluMLP(),
+            Calibrate(weights="fp", images=128),
+            Reparameterize(name="weights", event=None, zero_point="mean"),
+            Requantize(name="weights", event=None),
+            Reconstruct(
+                name="reconstruct",
+                event="reconstructed",
+                inputs=Mix(0.5),
+                rounding="adaround",
+                loss=Loss("hessian_perturb", eps=1e-6, temperature=20.0, average=True, norm=2.0),
+                head_loss=Loss("kl_div", norm=2.0),
+                iters=20000,
+                batch_size=32,
+                act_drop_prob=0.5,
+                act_scale_lr=4e-5,
+                act_scale_grad_scale=False,
+            ),
+        ),
+        softmax="uniform",
+        post_ln="channel",
+        reduction_post_ln="channel",
+        matmul_granularity="head",
+        mlp_act="relu",
+        description="APHQ-ViT (CVPR 2025) from its code: GELU -> ReLU with MLP reconstruction, folded channel-wise "
+        "post-LN, per-head uniform attention quantizers, AdaRound + QDrop block reconstruction weighted by the "
+        "average-perturbation Hessian, KL head; 20k steps, batch 32",
     ),
     "fima-q": _registered(
         "fima-q",

@@ -285,16 +285,21 @@ _FIMAQ = {
     "first_last_bits": Source(f"{_FQ}: patch-embedding and head weights and the head input at the low bit-width"),
     "matmul_granularity": _dev(f"one scale per head; {_FQ} configs set token_channel_wise=True: per head x token "
                                "scales, equal at initialisation, diverging only through step-size learning (not implemented)"),
-    "calibrate.weights": Source(f"{_FQ}: the model is FP while each quantizer is calibrated"),
-    "calibrate.images": Source(f"{_FQ}: 128 calibration images for the initial search"),
-    "weights.zero_point": Source(f"{_FQ} (RepQ-ViT's fold): fractional mean zero-point"),
+    "calibrate.weights": _dev(f"weights FP, but each quantizer sees the quantized outputs of the layers before it; {_FQ} "
+                              "utils/calibrator.py calibrates module by module with the whole model FP"),
+    "calibrate.images": _dev(f"the first 128 of the run's calibration images; {_FQ}: 128 ImageNet train images with "
+                             "training augmentation (seed 3407)"),
+    "weights.zero_point": _dev(f"fold with the mean scale and fractional mean zero-point (RepQ-ViT); {_FQ} folds the same "
+                               "way, then searches the per-tensor scale and zero-point again"),
     "reconstruct.inputs": Source(f"{_FQ}: QDrop input mixing p = 0.5 (quantized-model vs FP input of the unit)"),
     "reconstruct.weights": Source(f"{_FQ}: quantized weights with AdaRound"),
     "reconstruct.activations": Source(f"{_FQ}: {_ACTS_ON}"),
     "reconstruct.rounding": Source(f"{_FQ}: AdaRound, Adam 1e-3, regulariser 0.01, beta 20 -> 2 after 20 % warm-up"),
-    "reconstruct.loss": Source(f"{_FQ} configs/*bit/best.py: metric 'fisher_dplr', k = 5, p1 = p2 = 1, dis_mode 'q', temp 20 "
-                               "(utils/block_recon.py LossFunction, new_fisher_ro)"),
-    "reconstruct.loss_p": Source("unused: the Fisher loss squares the error"),
+    "reconstruct.loss": _dev(f"{_FQ} configs/*bit/best.py: metric 'fisher_dplr', k = 5, p1 = p2 = 1, dis_mode 'q', temp 20 "
+                               "(utils/block_recon.py LossFunction, new_fisher_ro); the refresh runs this unit, soft-rounded "
+                               "with dropping on, on FP inputs, every other unit FP (as theirs); (D D^T)^-1 in float64 "
+                               "(theirs float32, no damping)"),
+    "reconstruct.loss_p": Source("unused: the loss squares the error"),
     "reconstruct.head_loss": Source(f"{_FQ} utils/block_recon.py: KL (T = 1, batchmean, not normalised) for the head"),
     "reconstruct.iters": Source(f"{_FQ}: 20,000 iterations per unit"),
     "reconstruct.batch_size": Source(f"{_FQ}: batch 32"),
@@ -302,6 +307,30 @@ _FIMAQ = {
     "reconstruct.act_drop_prob": Source(f"{_FQ}: QDrop p = 0.5 inside the unit"),
     "reconstruct.act_scale_lr": Source(f"{_FQ}: activation step sizes learned, Adam 4e-5, cosine"),
     "reconstruct.act_scale_grad_scale": Source(f"{_FQ}: plain step-size gradient (no LSQ gradient scale)"),
+}  # fmt: skip
+
+_AQ = "APHQ-ViT code (GoatWu/APHQ-ViT HEAD 84c9fde)"
+_APHQ = {
+    **{k: Source(v.text.replace(_FQ, _AQ), v.deviation) for k, v in _FIMAQ.items()},
+    "stages": Source(f"{_AQ} test_quant.py: GELU -> ReLU and MLP reconstruction (FP), calibration (128 images), RepQ-style "
+                     "fold, block reconstruction of every unit (patch embedding, blocks, PatchMerging, head)"),
+    "post_gelu": Source(f"{_AQ}: per-tensor asymmetric uniform fc2 input (after the ReLU; its post_relu flag is dead code)"),
+    "matmul_granularity": Source(f"{_AQ} quant_layers/matmul.py: one scale per head (token_channel_wise=False at 3/4 bits)"),
+    "mlp_act": Source(f"{_AQ} test_quant.py: every GELU replaced by nn.ReLU, kept in the evaluated model"),
+    "mlp_recon.iters": Source(f"{_AQ} utils/mlp_recon.py: 20,000 iterations per MLP"),
+    "mlp_recon.batch_size": Source(f"{_AQ} utils/mlp_recon.py: batch 32 of the 1024 images' FP fc1 inputs"),
+    "mlp_recon.lr": Source(f"{_AQ} utils/mlp_recon.py: Adam 4e-5 on fc1 and fc2 (norm2 is in the optimiser but gets no "
+                           "gradient), cosine to 0"),
+    "mlp_recon.clamp_weight": Source(f"{_AQ} utils/mlp_recon.py: loss = rec + 2.0 x the loss with fc2's input clamped to [0, ub]"),
+    "mlp_recon.clamp_pct": Source(f"{_AQ} configs/3bit/best.py 0.99, configs/4bit/best.py 0.98 (None: by bit-width; no "
+                                  "6-bit config exists, 0.98 is used there)"),
+    "mlp_recon.eps": Source(f"{_AQ} utils/mlp_recon.py: +-1e-6 at the MLP output of the FP GELU model; W averaged over "
+                            "samples and RMS-normalised (gradients in float64, as the block loss)"),
+    "mlp_recon.temperature": Source(f"{_AQ} configs/3bit/best.py: temp 20"),
+    "reconstruct.loss": _dev(f"{_AQ} utils/block_recon.py: 'hessian_perturb', +-1e-6 on the FP model's unit output, KL T = 20, "
+                               "W averaged over samples (use_mean_hessian), mean((y^ - y)^2 W) x 2 / first value (commit "
+                               "73e78a7); gradients in float64 (theirs float32, where the 1e-6 shift is mostly round-off)"),
+    "reconstruct.head_loss": Source(f"{_AQ} utils/block_recon.py: KL (T = 1, batchmean) for the head, also x 2 / first value"),
 }  # fmt: skip
 
 _MINMAX_WHY = "min/max per tensor is the textbook baseline every method here should beat"
@@ -349,6 +378,7 @@ PROVENANCE: dict[str, dict[str, Source]] = {
     "brecq": _BRECQ,
     "qdrop": _QDROP,
     "qdrop-ste": _QDROP_STE,
+    "aphq-vit": _APHQ,
     "fima-q": _FIMAQ,
     "minmax": _MINMAX,
 }
@@ -370,6 +400,9 @@ _MATMUL = {
 }
 for _name, _src in _MATMUL.items():
     PROVENANCE[_name]["matmul_granularity"] = _src
+for _name in _MATMUL:  # every method before APHQ-ViT keeps the model's GELU
+    PROVENANCE[_name]["mlp_act"] = Source("the model's own GELU (only APHQ-ViT replaces it)")
+PROVENANCE["fima-q"]["mlp_act"] = Source(f"{_FQ}: GELU kept (no MLP reconstruction)")
 
 
 # ------------------------------------------------------------------------------------ ablations

@@ -203,6 +203,32 @@ class HessianCalibrate(Stage):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReluMLP(Stage):
+    """APHQ-ViT's MLP reconstruction (:mod:`isvit_viz.calib.mlp_recon`): before any calibration, train
+    fc1 / fc2 of every block MLP, which computes with a ReLU (placement ``mlp_act="relu"``), to
+    reproduce the FP GELU MLP, each on FP data. Quantization is off during the stage.
+
+    Attributes:
+        iters / batch_size / lr: Adam steps per MLP, mini-batch, learning rate (cosine to 0);
+            ``quantize(iters=..., batch_size=...)`` given explicitly override them (matched budget).
+        clamp_weight: weight of the loss with fc2's input clamped to [0, ub].
+        clamp_pct: quantile of the positive FP GELU outputs that sets ub; ``None``: 0.99 at <= 3-bit
+            activations, else 0.98 (APHQ-ViT's 3-bit and 4-bit configs).
+        eps / temperature: the perturbation and KL temperature of the Hessian weight.
+    """
+
+    name: str = "mlp_recon"
+    event: str | None = None
+    iters: int = 20000
+    batch_size: int = 32
+    lr: float = 4e-5
+    clamp_weight: float = 2.0
+    clamp_pct: float | None = None
+    eps: float = 1e-6
+    temperature: float = 20.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChooseSoftmax(Stage):
     """Give every attention the post-softmax quantizer with the lowest attention-output error among
     ``candidates`` (:func:`isvit_viz.calib.choose.choose_softmax_quantizers`); needs calibrated
@@ -243,8 +269,9 @@ def _positive(v: Any) -> bool:
 class _StageChecker:
     """Walks the stages in order, tracking what is calibrated, and raises on the first bad one."""
 
-    def __init__(self, channel_post_ln: bool) -> None:
+    def __init__(self, channel_post_ln: bool, relu_mlp: bool = False) -> None:
         self.channel_post_ln = channel_post_ln
+        self.relu_mlp = relu_mlp
         self.acts_calibrated = False
         self.weights_calibrated = False  # and still valid for the current weights
         self.hessian = False
@@ -264,7 +291,8 @@ class _StageChecker:
             raise self.fail("event", f"must be a string or None, got {stage.event!r}")
         for kind, check in ((Calibrate, self._calibrate), (Reconstruct, self._reconstruct),
                             (Reparameterize, self._reparameterize), (Requantize, self._requantize),
-                            (HessianCalibrate, self._hessian), (ChooseSoftmax, self._choose)):  # fmt: skip
+                            (HessianCalibrate, self._hessian), (ChooseSoftmax, self._choose),
+                            (ReluMLP, self._relu_mlp)):  # fmt: skip
             if isinstance(stage, kind):
                 check(stage)
 
@@ -339,6 +367,27 @@ class _StageChecker:
             raise self.fail("rounding", "'fixed' trains no weights, so it needs quantized activations whose step "
                                         "sizes learn (activations='quantized', act_scale_lr)")  # fmt: skip
 
+    def _relu_mlp(self, s: ReluMLP) -> None:
+        if not self.relu_mlp:
+            raise self.fail("mlp_act", "ReluMLP retrains ReLU MLPs; the method's placement must set mlp_act='relu'")
+        if self.acts_calibrated or self.weights_calibrated:
+            raise self.fail("stage order", "ReluMLP changes the MLP weights and outputs; it must come before any calibration")
+        for name in ("iters", "batch_size"):
+            if not (_is_int(getattr(s, name)) and getattr(s, name) >= 1):
+                raise self.fail(name, f"must be an int >= 1, got {getattr(s, name)!r}")
+        for name in ("lr", "eps", "temperature"):
+            if not _positive(getattr(s, name)):
+                raise self.fail(name, f"must be a positive finite number, got {getattr(s, name)!r}")
+        if not (
+            isinstance(s.clamp_weight, (int, float))
+            and not isinstance(s.clamp_weight, bool)
+            and 0 <= s.clamp_weight < float("inf")
+        ):
+            raise self.fail("clamp_weight", f"must be a finite number >= 0, got {s.clamp_weight!r}")
+        p = s.clamp_pct
+        if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1):
+            raise self.fail("clamp_pct", f"must be None or a quantile in (0, 1], got {p!r}")
+
     def _choose(self, s: ChooseSoftmax) -> None:
         from ..quant.config import PTQ4VIT_TWIN
         from ..quant.registry import QUANTIZERS
@@ -381,11 +430,12 @@ class _StageChecker:
         self.weights_calibrated = True
 
 
-def check_stages(stages: Any, channel_post_ln: bool) -> tuple[Stage, ...]:
+def check_stages(stages: Any, channel_post_ln: bool, relu_mlp: bool = False) -> tuple[Stage, ...]:
     """Validate a stage list (order, every field) before any work; return it as a tuple.
 
     ``channel_post_ln``: whether the method places any channel-wise post-LN quantizer (what
-    :class:`Reparameterize` folds).
+    :class:`Reparameterize` folds); ``relu_mlp``: whether its MLPs compute with a ReLU (what
+    :class:`ReluMLP` retrains).
 
     Raises:
         ValueError: naming the stage (``stages[i] (Type 'name')``) and the field, for an empty list,
@@ -400,7 +450,7 @@ def check_stages(stages: Any, channel_post_ln: bool) -> tuple[Stage, ...]:
     stages = tuple(stages)
     if not stages:
         raise ValueError("stages: the stage list is empty; a method needs at least a Calibrate stage")
-    checker = _StageChecker(channel_post_ln)
+    checker = _StageChecker(channel_post_ln, relu_mlp)
     seen: dict[str, int] = {}
     for i, stage in enumerate(stages):
         checker.check(i, stage)

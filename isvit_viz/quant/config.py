@@ -39,6 +39,8 @@ class QuantConfig:
         matmul_granularity: scales of the uniform quantizers on the attention-matmul operands (q, k,
             v and a uniform post-softmax map, [B, heads, N, d]): ``"tensor"`` (one scale, I&S-ViT) or
             ``"head"`` (one per head: APHQ-ViT / FIMA-Q).
+        mlp_act: the MLP activation of the quantized model: ``"gelu"`` (the model's own) or ``"relu"``
+            (APHQ-ViT replaces every GELU by a ReLU and retrains the MLPs, the ``ReluMLP`` stage).
         softmax_layers: per-attention overrides of ``softmax``: module path of a timm ``Attention`` /
             ``WindowAttention`` -> quantizer name (``softmax_kwargs`` apply only where the name equals
             ``softmax``). Written by the ``ChooseSoftmax`` calibration stage, so a saved model or a
@@ -59,6 +61,7 @@ class QuantConfig:
     weight_percentiles: tuple[float, ...] | None = None
     first_last_bits: int | None = None
     matmul_granularity: str = "tensor"
+    mlp_act: str = "gelu"
     softmax_layers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,7 @@ class QuantConfig:
             ("post_gelu", self.post_gelu, ("uniform", "twin_uniform", PTQ4VIT_TWIN)),
             ("weight_granularity", self.weight_granularity, ("channel", "tensor")),
             ("matmul_granularity", self.matmul_granularity, ("tensor", "head")),
+            ("mlp_act", self.mlp_act, ("gelu", "relu")),
             ("act_init", self.act_init, ("percentile_mse", "minmax")),
             ("weight_init", self.weight_init, ("percentile_mse", "minmax")),
         ):

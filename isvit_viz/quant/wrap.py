@@ -97,6 +97,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     weight quantizer, and a per-tensor ``cfg.input_bits`` quantizer on the image when that is set; both
     attention matmuls get operand quantizers, with ``cfg.softmax`` on the post-softmax operand. With
     ``cfg.first_last_bits`` the patch-embedding weights and the head's weights and input use that width.
+    ``cfg.mlp_act == "relu"`` replaces the GELU of every MLP by a ReLU (APHQ-ViT).
     ``cfg.softmax_layers`` overrides the post-softmax quantizer of single attentions (by module path).
     Quantization starts switched off (see :func:`set_quant_state`), so the model still computes FP.
 
@@ -124,6 +125,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             else:
                 new = QuantWindowAttention(mod, mm1, mm2)
             _set_submodule(model, name, new)
+    if cfg.mlp_act == "relu":  # APHQ-ViT: every block MLP computes with a ReLU (retrained by the ReluMLP stage)
+        for mod in list(model.modules()):
+            if isinstance(getattr(mod, "act", None), nn.GELU) and hasattr(mod, "fc1") and hasattr(mod, "fc2"):
+                mod.act = nn.ReLU()
     for name, mod in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
         if isinstance(mod, nn.Linear):
