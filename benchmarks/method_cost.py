@@ -7,7 +7,10 @@ step-size learning, loss) are timed on a fresh copy of the block. Methods are ti
 rounds (``--rounds``) and the median per-step time is kept, so load on a shared machine hits all of
 them alike; the ratio to I&S-ViT is the robust figure. The estimate of a full run is
 ``per-step time x own steps x number of blocks`` per stage (the patch embedding, Swin PatchMerging and
-head units are cheap next to the blocks and left out; so are capture and calibration).
+head units are cheap next to the blocks and left out; so are capture and calibration). Losses that
+need task-loss gradients (APHQ-ViT's Hessian, FIMA-Q's Fisher rows) add their per-unit preparation and
+refresh passes, timed once on block 1: ``(prepare + refreshes x refresh time) x number of blocks``;
+APHQ-ViT's MLP reconstruction adds ``per-step time x its steps x number of MLPs`` (+ its preparation).
 
 python -m benchmarks.method_cost [--models vit swin] [--bits 3] [--steps 20] [--matmul-dtype bfloat16]
 """
@@ -22,16 +25,19 @@ from typing import Any
 import torch
 
 import isvit_viz as iv
-from isvit_viz.calib import METHODS, Reconstruct
+from isvit_viz.calib import METHODS, Reconstruct, ReluMLP
 from isvit_viz.calib.cache import MemoryBudget
-from isvit_viz.calib.engine import EngineContext, RunSettings, _unit_data, reconstruction_units
+from isvit_viz.calib.capture import capture_unit_io
+from isvit_viz.calib.engine import EngineContext, RunSettings, _prepare_loss, _unit_data, _unit_loss, reconstruction_units
+from isvit_viz.calib.mlp_recon import MLPReconConfig, aph_weight, block_mlps, positive_quantile, reconstruct_mlp
 from isvit_viz.calib.pipeline import _default_iters
 from isvit_viz.calib.recon import reconstruct_unit
+from isvit_viz.quant.config import QuantConfig
 from isvit_viz.quant.wrap import set_quant_state
 
 from ._common import parser, write
 
-RECON_METHODS = ("isvit", "qdrop", "brecq")
+RECON_METHODS = ("isvit", "qdrop", "brecq", "aphq-vit", "fima-q")
 
 
 def _prepared(model: Any, name: str, bits: int, calib: torch.Tensor, dtype: str) -> list[dict[str, Any]]:
@@ -40,23 +46,56 @@ def _prepared(model: Any, name: str, bits: int, calib: torch.Tensor, dtype: str)
     run = RunSettings(iters=None, batch_size=None, lr=None, matmul_dtype=dtype, default_iters=_default_iters(bits))
     ctx = EngineContext(qmodel=res.model, teacher=copy.deepcopy(model).eval(), images=calib, device=torch.device("cpu"),
                         budget=MemoryBudget(None), generator=torch.Generator().manual_seed(0), run=run,
-                        model_kind="", progress=False)  # fmt: skip
+                        model_kind="", progress=False, quant_config=QuantConfig.from_dict(res.config["quant_config"]))  # fmt: skip
     blocks = [(n, u) for n, u, kind in reconstruction_units(res.model) if kind == "block"]
     block_name, block = blocks[1]
-    out = []
+    out = [_mlp_item(ctx, s, bits) for s in METHODS[name].stages if isinstance(s, ReluMLP)]
     for stage in (s for s in METHODS[name].stages if isinstance(s, Reconstruct)):
         set_quant_state(res.model, weight=stage.weights == "quantized", act=stage.activations == "quantized")
         caches = _unit_data(stage, ctx, block, ctx.teacher.get_submodule(block_name))
         cfg = run.recon_config(stage)
+        loss = _unit_loss(stage, ctx, block_name)
+        t0 = time.perf_counter()
+        rows, refresh = _prepare_loss(loss, ctx, block_name, block, cfg.iters)
+        prep_s = time.perf_counter() - t0
+        n_refresh, refresh_s = 0, 0.0
+        if refresh is not None:
+            n_refresh = sum(loss.refresh(i) for i in range(cfg.iters))
+            t0 = time.perf_counter()
+            loss.update(*refresh())
+            refresh_s = time.perf_counter() - t0
+            loss.refresh = lambda _it: False  # the timed steps: no refresh (its cost is counted above)
         out.append({"stage": stage.name, "block": block, "caches": caches, "cfg": cfg, "own_steps": cfg.iters,
-                    "n_blocks": len(blocks), "state": (stage.weights == "quantized", stage.activations == "quantized")})  # fmt: skip
+                    "n_blocks": len(blocks), "state": (stage.weights == "quantized", stage.activations == "quantized"),
+                    "loss": loss, "rows": rows, "unit_extra_s": prep_s + n_refresh * refresh_s})  # fmt: skip
     return out
+
+
+def _mlp_item(ctx: EngineContext, stage: ReluMLP, bits: int) -> dict[str, Any]:
+    """APHQ-ViT's MLP reconstruction of block 1's MLP: data, Hessian weight and clamp bound (timed once)."""
+    mlps = block_mlps(ctx.qmodel)
+    path, mlp = mlps[1]
+    t_mlp = ctx.teacher.get_submodule(path)
+    cfg = MLPReconConfig(iters=stage.iters, batch_size=stage.batch_size, lr=stage.lr, clamp_pct=0.99 if bits <= 3 else 0.98)
+    t0 = time.perf_counter()
+    x, y = capture_unit_io(ctx.teacher, t_mlp, ctx.images, ctx.budget, ctx.device)
+    t64, l64 = ctx.teacher_as(torch.float64)
+    w = aph_weight(t64, t64.get_submodule(path), ctx.images, l64, ctx.device, cfg.eps, cfg.temperature)
+    ub = positive_quantile(t_mlp, x, cfg.clamp_pct, ctx.device)
+    return {"stage": stage.name, "mlp": mlp, "caches": (x, y), "weight": w, "ub": ub, "cfg": cfg, "own_steps": cfg.iters,
+            "n_blocks": len(mlps), "unit_extra_s": time.perf_counter() - t0}  # fmt: skip
 
 
 def _time_steps(item: dict[str, Any], steps: int) -> float:
     """Seconds per Adam step of ``item``'s configuration on a fresh copy of its block."""
     from dataclasses import replace
 
+    if "mlp" in item:
+        mlp, (x, y) = copy.deepcopy(item["mlp"]), item["caches"]
+        cfg = replace(item["cfg"], iters=steps)
+        t0 = time.perf_counter()
+        reconstruct_mlp(mlp, x, y, item["weight"], item["ub"], cfg, torch.device("cpu"), torch.Generator().manual_seed(0), False)
+        return (time.perf_counter() - t0) / steps
     block = copy.deepcopy(item["block"])
     for m in block.modules():
         if hasattr(m, "weight_quant"):
@@ -64,7 +103,8 @@ def _time_steps(item: dict[str, Any], steps: int) -> float:
     x, y, fp_x = item["caches"]
     cfg = replace(item["cfg"], iters=steps)
     t0 = time.perf_counter()
-    reconstruct_unit(block, x, y, cfg, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False, fp_inputs=fp_x)
+    reconstruct_unit(block, x, y, cfg, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False, fp_inputs=fp_x,
+                     loss=item["loss"], grad_rows=item["rows"])  # fmt: skip
     return (time.perf_counter() - t0) / steps
 
 
@@ -83,8 +123,9 @@ def measure(
         stages = {}
         for it in items:
             per = statistics.median(times[(m, it["stage"])])
+            total = (per * it["own_steps"] + it["unit_extra_s"]) * it["n_blocks"]
             stages[it["stage"]] = {"own_steps": it["own_steps"], "batch_size": it["cfg"].batch_size, "per_step_s": round(per, 5),
-                                   "estimated_s": round(per * it["own_steps"] * it["n_blocks"], 1)}  # fmt: skip
+                                   "unit_extra_s": round(it["unit_extra_s"], 2), "estimated_s": round(total, 1)}  # fmt: skip
         recs.append(
             {
                 "method": m,
@@ -108,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
-        args.models, args.methods, args.bits, args.steps, args.rounds, args.calib = ["vit"], ["isvit", "qdrop"], [4], 1, 1, 64
+        args.models, args.methods, args.bits, args.steps, args.rounds, args.calib = ["vit"], ["isvit", "qdrop", "aphq-vit", "fima-q"], [4], 1, 1, 64
     runs, rows = [], []
     for model_name in args.models:
         model, splits = iv.load_embedded(model_name)

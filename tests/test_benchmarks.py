@@ -18,6 +18,10 @@ def test_benchmark_smoke(name, tmp_path):
     if name == "method_cost":  # QDrop's own 20,000 steps per block against I&S-ViT's 1000 per stage
         qdrop = next(r for r in payload["runs"] if r["method"] == "qdrop")
         assert qdrop["stages"]["reconstruct"]["own_steps"] == 20000 and qdrop["stages"]["reconstruct"]["batch_size"] == 32
+        aphq, fima = (next(r for r in payload["runs"] if r["method"] == m) for m in ("aphq-vit", "fima-q"))
+        assert list(aphq["stages"]) == ["mlp_recon", "reconstruct"] and aphq["stages"]["mlp_recon"]["own_steps"] == 20000
+        # the Hessian (APHQ) and Fisher refreshes (FIMA-Q) are one-off passes per unit, counted beside the steps
+        assert aphq["stages"]["reconstruct"]["unit_extra_s"] > 0 and fima["stages"]["reconstruct"]["unit_extra_s"] > 0
 
 
 def test_report_merges_runs_from_several_files(tmp_path):
