@@ -149,7 +149,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
-        args.models, args.methods, args.bits, args.steps, args.rounds, args.calib = ["vit"], ["isvit", "qdrop", "aphq-vit", "fima-q"], [4], 1, 1, 64
+        args.models, args.methods, args.bits, args.steps, args.rounds, args.calib = (
+            ["vit"],
+            ["isvit", "qdrop", "aphq-vit", "fima-q"],
+            [4],
+            1,
+            1,
+            64,
+        )
     runs, rows = [], []
     for model_name in args.models:
         model, splits = iv.load_embedded(model_name)
