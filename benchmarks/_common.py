@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 from pathlib import Path
@@ -31,7 +32,8 @@ def env() -> dict[str, Any]:
 
 def write(name: str, out: Path, payload: dict[str, Any], rows: list[dict[str, Any]], cols: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"env": env(), **payload, "rows": rows}
+    # default=str: paths among the settings (e.g. --checkpoint-root) are recorded as strings
+    payload = json.loads(json.dumps({"env": env(), **payload, "rows": rows}, default=str))
     atomic_write_json(out / f"{name}.json", payload)
     md = f"# {name}\n\n" + markdown_table(rows, cols) + "\n"
     atomic_write_bytes(out / f"{name}.md", md.encode())

@@ -60,3 +60,13 @@ def test_readme_accuracy_table_is_the_committed_measurements():
     table = readme.split("<!-- accuracy-table:begin -->\n")[1].split("\n<!-- accuracy-table:end -->")[0]
     files = sorted((root / "benchmarks" / "results" / "accuracy").glob("*.json"))
     assert files and table == report.render(report.merge(files))
+
+
+def test_accuracy_with_checkpoint_root_writes_its_json(tmp_path):
+    """--checkpoint-root (a Path among the recorded settings) used to crash the final JSON write, losing the run."""
+    from benchmarks import accuracy
+
+    accuracy.main(["--smoke", "--out", str(tmp_path / "out"), "--checkpoint-root", str(tmp_path / "ck")])
+    payload = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert payload["settings"]["checkpoint_root"] == str(tmp_path / "ck") and payload["runs"]
+    assert any((tmp_path / "ck").rglob("COMPLETE"))
