@@ -6,11 +6,19 @@
 #
 #   OUT=runs/gpu bash benchmarks/run_on_gpu.sh      # ~9 minutes on one H100
 #   DEVICE=cpu DEIT_ARGS=--smoke ACC_ARGS="--iters 2 --calib 64 --test 200" bash benchmarks/run_on_gpu.sh  # dry run
+# The 2025 methods (issue #17): deit_small-shaped W3/A3 at one matched budget (1000 steps) per method, then the
+# embedded-ViT cells at each method's own settings (20,000 steps: expect the time cap to stop the later cells):
+#   DEIT_METHODS="isvit aphq-vit fima-q" STREAM_METHODS="aphq-vit fima-q isvit" DEIT_CAP=120 TOTAL_CAP=540 \
+#     OUT=runs/gpu2025 bash benchmarks/run_on_gpu.sh
+#   DEVICE=cpu DEIT_ARGS=--smoke ACC_ARGS="--iters 5 --calib 64 --test 200" DEIT_METHODS="aphq-vit fima-q" \
+#     STREAM_METHODS="aphq-vit fima-q" bash benchmarks/run_on_gpu.sh   # its dry run
 set -u
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-DEIT_CAP=${DEIT_CAP:-330}   # seconds for the deit_small run
+DEIT_CAP=${DEIT_CAP:-330}   # seconds for each deit_small run
+DEIT_METHODS=${DEIT_METHODS:-isvit}
+STREAM_METHODS=${STREAM_METHODS:-isvit qdrop isvit-official}
 TOTAL_CAP=${TOTAL_CAP:-530} # seconds from start until everything is packed
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 WORK=$(mktemp -d)
@@ -21,8 +29,11 @@ exec > >(tee "$OUT/session.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
-echo "== deit_small W3/A3 full pipeline (alone on the device)"
-timeout "$DEIT_CAP" $PY -m benchmarks.gpu --device "$DEVICE" --out "$WORK/deit" ${DEIT_ARGS:-} || echo "deit run stopped (rc $?)"
+for m in $DEIT_METHODS; do
+  echo "== deit_small W3/A3 full pipeline, $m (alone on the device)"
+  timeout "$DEIT_CAP" $PY -m benchmarks.gpu --device "$DEVICE" --method "$m" --out "$WORK/deit_$m" ${DEIT_ARGS:-} \
+    || echo "deit run $m stopped (rc $?)"
+done
 
 echo "== CUDA tests + embedded ViT table ($((TOTAL_CAP - $(elapsed))) s left)"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$WORK/test_cuda.log" 2>&1 &
@@ -36,9 +47,9 @@ stream() {  # one method's cells in priority order, each capped by the time left
       && echo "cell $1 W$b/A$b done at $(elapsed) s" || echo "cell $1 W$b/A$b stopped at $(elapsed) s"
   done
 }
-for m in isvit qdrop isvit-official; do stream "$m" & pids+=($!); done
+for m in $STREAM_METHODS; do stream "$m" & pids+=($!); done
 wait "${pids[@]}"  # not a bare wait: that would also wait for the tee above
 tail -3 "$WORK/test_cuda.log"
-for f in "$WORK"/deit/gpu.md "$WORK"/acc_*/accuracy.md; do [ -f "$f" ] && sed -n 3,99p "$f"; done
+for f in "$WORK"/deit_*/gpu.md "$WORK"/acc_*/accuracy.md; do [ -f "$f" ] && sed -n 3,99p "$f"; done
 tar czf "$OUT/results.tgz" -C "$WORK" .
 echo "packed at $(elapsed) s"
