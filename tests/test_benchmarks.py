@@ -5,7 +5,7 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("name", ["quantizer_init", "accuracy", "cost", "landscape", "gpu", "method_cost"])
+@pytest.mark.parametrize("name", ["quantizer_init", "accuracy", "cost", "landscape", "gpu", "method_cost", "softmax_choice"])
 def test_benchmark_smoke(name, tmp_path):
     import importlib
 

@@ -261,6 +261,7 @@ def _unit_data(stage: Reconstruct, ctx: EngineContext, unit: nn.Module, t_unit: 
 
 
 def _unit_loss(stage: Reconstruct, ctx: EngineContext, name: str) -> ReconLoss:
+    """A fresh loss object for unit ``name``: the stage's ``head_loss`` for classifier heads, else ``loss``."""
     from ..models.support import HEAD_LINEARS
 
     spec = stage.head_loss if (name in HEAD_LINEARS and stage.head_loss is not None) else stage.loss
@@ -308,7 +309,8 @@ def _prepare_loss(
                                    loss.temperature, loss.grad_shifts, override):  # fmt: skip
             r = loss.prepare_grads(c.grads)
             if r is not None:
-                rows = rows or TensorCache(len(ctx.images), tuple(r.shape[1:]), ctx.budget)
+                if rows is None:
+                    rows = TensorCache(len(ctx.images), tuple(r.shape[1:]), ctx.budget)
                 rows.write(c.start, r.float())
     finally:
         if q_out is not None:
