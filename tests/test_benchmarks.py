@@ -62,6 +62,22 @@ def test_readme_accuracy_table_is_the_committed_measurements():
     assert files and table == report.render(report.merge(files))
 
 
+def test_readme_matched_budget_table_is_the_committed_measurements():
+    # The matched-budget runs (every stage overridden to the same steps and batch) live in their own folder
+    # and table, so the main table keeps each method at its own settings.
+    from pathlib import Path
+
+    from benchmarks import report
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme.split("<!-- matched-table:begin -->\n")[1].split("\n<!-- matched-table:end -->")[0]
+    files = sorted((root / "benchmarks" / "results" / "matched_budget").glob("*.json"))
+    assert files and table == report.render(report.merge(files))
+    assert all(r["iters"] == 1000 and json.loads(f.read_text())["settings"]["batch_size"] == 64
+               for f in files for r in json.loads(f.read_text())["runs"])  # fmt: skip
+
+
 def test_accuracy_with_checkpoint_root_writes_its_json(tmp_path):
     """--checkpoint-root (a Path among the recorded settings) used to crash the final JSON write, losing the run."""
     from benchmarks import accuracy
