@@ -20,10 +20,7 @@ from ..quant.base import Quantizer
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantAttention, QuantMatMul, QuantWindowAttention
 from ..quant.wrap import softmax_quantizer
-
-
-class _StopForward(Exception):
-    pass
+from .capture import _StopForward
 
 
 def softmax_matmuls(model: nn.Module) -> list[tuple[str, QuantMatMul]]:

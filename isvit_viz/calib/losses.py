@@ -27,6 +27,7 @@ Registry: :data:`LOSSES` (authors' names) and :func:`make_loss`.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -138,7 +139,7 @@ class _FirstValue:
         return scale * raw / self.value
 
 
-class ReconLoss:
+class ReconLoss(abc.ABC):
     """Base class and interface of a reconstruction loss (protocol: module docstring).
 
     Class / instance attributes the engine reads:
@@ -168,16 +169,17 @@ class ReconLoss:
         self.iters = iters
 
     def prepare_grads(self, grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """Consume one chunk of per-sample gradients, one [n, *out] tensor per ``grad_shifts`` entry."""
-        raise NotImplementedError(f"{type(self).__name__} needs no gradients")
+        """Consume one chunk of per-sample gradients, one [n, *out] tensor per ``grad_shifts`` entry
+        (only losses with ``needs_grads``; the others refuse)."""
+        raise RuntimeError(f"{type(self).__name__} needs no gradients (needs_grads is False)")
 
     def refresh(self, iteration: int) -> bool:
         """Whether the engine must recompute this loss's statistics before step ``iteration`` (0-based)."""
         return False
 
+    @abc.abstractmethod
     def __call__(self, pred: torch.Tensor, target: torch.Tensor, state: LossState | None = None) -> torch.Tensor:
         """Scalar loss of ``pred`` [B, *out] against ``target`` [B, *out]."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"

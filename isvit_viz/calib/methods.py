@@ -148,6 +148,23 @@ def _brecq_stages() -> tuple[Stage, ...]:
     )
 
 
+#: APHQ-ViT / FIMA-Q placement (their shared AdaLog-derived code): uniform everywhere, channel-wise post-LN
+#: (incl. PatchMerging) folded into the LayerNorms, per-head attention-matmul scales.
+_APHQ_FIMA_PLACEMENT = {"softmax": "uniform", "post_ln": "channel", "reduction_post_ln": "channel", "matmul_granularity": "head"}
+
+
+def _aphq_fima_stages(loss: Loss, head_loss: Loss | str) -> tuple[Stage, ...]:
+    """Calibrate (128 images), fold, requantize, then AdaRound + QDrop block reconstruction with ``loss``."""
+    return (
+        Calibrate(weights="fp", images=128),
+        Reparameterize(name="weights", event=None, zero_point="mean"),
+        Requantize(name="weights", event=None),
+        Reconstruct(name="reconstruct", event="reconstructed", inputs=Mix(0.5), rounding="adaround", loss=loss,
+                    head_loss=head_loss, iters=20000, batch_size=32, act_drop_prob=0.5, act_scale_lr=4e-5,
+                    act_scale_grad_scale=False),
+    )  # fmt: skip
+
+
 def _registered(name: str, **kw: Any) -> Method:
     return Method(name=name, provenance=PROVENANCE[name], **kw)
 
@@ -248,59 +265,23 @@ METHODS: dict[str, Method] = {
         "aphq-vit",
         stages=(
             ReluMLP(),
-            Calibrate(weights="fp", images=128),
-            Reparameterize(name="weights", event=None, zero_point="mean"),
-            Requantize(name="weights", event=None),
-            Reconstruct(
-                name="reconstruct",
-                event="reconstructed",
-                inputs=Mix(0.5),
-                rounding="adaround",
-                loss=Loss("hessian_perturb", eps=1e-6, temperature=20.0, average=True, norm=2.0),
-                head_loss=Loss("kl_div", norm=2.0),
-                iters=20000,
-                batch_size=32,
-                act_drop_prob=0.5,
-                act_scale_lr=4e-5,
-                act_scale_grad_scale=False,
+            *_aphq_fima_stages(
+                Loss("hessian_perturb", eps=1e-6, temperature=20.0, average=True, norm=2.0), Loss("kl_div", norm=2.0)
             ),
         ),
-        softmax="uniform",
-        post_ln="channel",
-        reduction_post_ln="channel",
-        matmul_granularity="head",
         mlp_act="relu",
         description="APHQ-ViT (CVPR 2025) from its code: GELU -> ReLU with MLP reconstruction, folded channel-wise "
         "post-LN, per-head uniform attention quantizers, AdaRound + QDrop block reconstruction weighted by the "
         "average-perturbation Hessian, KL head; 20k steps, batch 32",
+        **_APHQ_FIMA_PLACEMENT,
     ),
     "fima-q": _registered(
         "fima-q",
-        stages=(
-            Calibrate(weights="fp", images=128),
-            Reparameterize(name="weights", event=None, zero_point="mean"),
-            Requantize(name="weights", event=None),
-            Reconstruct(
-                name="reconstruct",
-                event="reconstructed",
-                inputs=Mix(0.5),
-                rounding="adaround",
-                loss=Loss("fisher_dplr", k=5, p1=1.0, p2=1.0, mode="q", temperature=20.0),
-                head_loss="kl_div",
-                iters=20000,
-                batch_size=32,
-                act_drop_prob=0.5,
-                act_scale_lr=4e-5,
-                act_scale_grad_scale=False,
-            ),
-        ),
-        softmax="uniform",
-        post_ln="channel",
-        reduction_post_ln="channel",
-        matmul_granularity="head",
+        stages=_aphq_fima_stages(Loss("fisher_dplr", k=5, p1=1.0, p2=1.0, mode="q", temperature=20.0), "kl_div"),
         description="FIMA-Q (CVPR 2025): RepQ-style folded channel-wise post-LN, per-head uniform attention quantizers, "
         "AdaRound + QDrop block reconstruction with the diagonal-plus-low-rank Fisher loss (k = 5 refreshes), KL head; "
         "20k steps, batch 32",
+        **_APHQ_FIMA_PLACEMENT,
     ),
     "minmax": _registered(
         "minmax",

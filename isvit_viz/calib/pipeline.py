@@ -119,6 +119,17 @@ def _check_loss_schedule(stage: Reconstruct, iters: int) -> None:
                 raise ValueError(f"Reconstruct {stage.name!r}: {key}: {e}") from None
 
 
+def _check_reconstruction(recon: list[Reconstruct], run: RunSettings, model: nn.Module, images: torch.Tensor) -> None:
+    """Every reconstruction stage's resolved settings, loss schedule and batch against the data, before any work."""
+    for s in recon:
+        run.recon_config(s)
+        _check_loss_schedule(s, run.resolve(s).iters)
+    check_input_shape(model, images)
+    for s in recon:
+        if len(images) < run.resolve(s).batch_size:
+            raise ValueError(f"calibration set has {len(images)} images, fewer than the batch size {run.resolve(s).batch_size}")
+
+
 def quantize(
     model: nn.Module,
     method: str | Method,
@@ -181,14 +192,8 @@ def quantize(
     given = {k: v for k, v in {"iters": iters, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     ReconConfig(**given, matmul_dtype=matmul_dtype)  # check the run settings, even where no stage uses them
     recon = [s for s in m.stages if isinstance(s, Reconstruct)]
-    for s in recon:
-        run.recon_config(s)  # each stage's resolved settings, before any work
-        _check_loss_schedule(s, run.resolve(s).iters)
     images = _as_image_tensor(calib)
-    check_input_shape(model, images)
-    for s in recon:
-        if len(images) < run.resolve(s).batch_size:
-            raise ValueError(f"calibration set has {len(images)} images, fewer than the batch size {run.resolve(s).batch_size}")
+    _check_reconstruction(recon, run, model, images)
     dev = resolve_device(device, model)
     cbs = [callbacks] if callable(callbacks) else list(callbacks or [])
     n_iters, stages = _stage_record(m, run)

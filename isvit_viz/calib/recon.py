@@ -262,11 +262,7 @@ def reconstruct_unit(
         raise ValueError("input_mix > 0 needs fp_inputs: the FP teacher's inputs of the unit, one row per cached input")
     if tokens_last is None:
         tokens_last = channels_last_output(unit)
-    if loss is None:
-        loss = LpLoss(cfg.loss_p)
-        loss.start(max(cfg.iters, 1))
-    if loss.per_sample and (grad_rows is None or grad_rows.n != inputs.n):
-        raise ValueError(f"loss {loss.name!r} needs grad_rows: one row of prepared gradients per cached input")
+    loss = _ready_loss(loss, cfg, grad_rows, inputs.n)
     adaround = cfg.rounding == "adaround"
     if cfg.rounding == "fixed" and not act_scale_quantizers(unit):
         raise ValueError("rounding='fixed' needs activation-quantized uniform quantizers in the unit to learn")
@@ -308,6 +304,16 @@ def reconstruct_unit(
             m.act_drop_prob = 0.0
             m.matmul_dtype = None
     return out
+
+
+def _ready_loss(loss: ReconLoss | None, cfg: ReconConfig, grad_rows: TensorCache | None, n: int) -> ReconLoss:
+    """The given (started) loss, or the default ``LpLoss(cfg.loss_p)`` started here; checks its gradient rows."""
+    if loss is None:
+        loss = LpLoss(cfg.loss_p)
+        loss.start(max(cfg.iters, 1))
+    if loss.per_sample and (grad_rows is None or grad_rows.n != n):
+        raise ValueError(f"loss {loss.name!r} needs grad_rows: one row of prepared gradients per cached input")
+    return loss
 
 
 @torch.no_grad()
