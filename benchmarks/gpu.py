@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile every reconstruction step (Inductor: Triton on CUDA)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -45,14 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     res = iv.quantize(
         model, args.method, args.bits, args.bits, x, iters=None if own else args.iters,
         batch_size=None if own else min(64, args.calib), device=args.device, progress=False, callbacks=report,
-        matmul_dtype=args.matmul_dtype,
+        matmul_dtype=args.matmul_dtype, compile=args.compile,
     )  # fmt: skip
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     rows = [{"model": args.model, "method": args.method, "device": args.device, "W/A": f"{args.bits}/{args.bits}", "calib": args.calib,
-             "iters": "own" if own else args.iters, "matmul_dtype": args.matmul_dtype, "wall_min": wall / 60,
+             "iters": "own" if own else args.iters, "matmul_dtype": args.matmul_dtype,
+             "compile": args.compile, "wall_min": wall / 60,
              **{f"{k}_s": v for k, v in res.timings.items()}, "peak_gpu_gib": peak}]  # fmt: skip
     write("gpu", args.out, {"target": "deit_small W3/A3 full pipeline <= 5 min on one H100 (isvit)"}, rows, list(rows[0]))
 

@@ -4,7 +4,7 @@
 # (1024 calibration images, 1000 iterations; 200 at W6/A6) in three streams sharing the GPU.
 # Everything lands in $OUT/results.tgz (+ session.log), also when a phase hits its time cap.
 #
-#   OUT=runs/gpu bash benchmarks/run_on_gpu.sh      # ~9 minutes on one H100
+#   OUT=runs/gpu bash benchmarks/run_on_gpu.sh      # ~9 minutes on one H100 (+ about 4 for the bf16 + compile run)
 #   DEVICE=cpu DEIT_ARGS=--smoke ACC_ARGS="--iters 2 --calib 64 --test 200" bash benchmarks/run_on_gpu.sh  # dry run
 # The 2025 methods (issue #17): deit_small-shaped W3/A3 at one matched budget (1000 steps) per method, then the
 # embedded-ViT cells at each method's own settings (20,000 steps: expect the time cap to stop the later cells):
@@ -33,6 +33,13 @@ for m in $DEIT_METHODS; do
   echo "== deit_small W3/A3 full pipeline, $m (alone on the device)"
   timeout "$DEIT_CAP" $PY -m benchmarks.gpu --device "$DEVICE" --method "$m" --out "$WORK/deit_$m" ${DEIT_ARGS:-} \
     || echo "deit run $m stopped (rc $?)"
+done
+# the speed issue's GPU fast path: the same run with bf16 matmuls and compiled steps (FAST_VARIANTS="" skips it)
+for v in ${FAST_VARIANTS-bf16_compile}; do
+  echo "== deit_small W3/A3 full pipeline, isvit, $v"
+  flags="--matmul-dtype bfloat16"; [ "$v" = bf16_compile ] && flags="$flags --compile"
+  timeout "$DEIT_CAP" $PY -m benchmarks.gpu --device "$DEVICE" --method isvit $flags --out "$WORK/deit_isvit_$v" ${DEIT_ARGS:-} \
+    || echo "deit run isvit $v stopped (rc $?)"
 done
 
 echo "== CUDA tests + embedded ViT table ($((TOTAL_CAP - $(elapsed))) s left)"

@@ -104,6 +104,13 @@ def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
         print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols))
 
 
+def _bars(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: redirected to a file or a CI log, tqdm's carriage-return
+    redraws are noise (``--quiet`` turns them off on a terminal too). Library calls keep their own
+    ``progress`` default, so Jupyter still shows its widgets."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
@@ -138,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         model, splits = iv.load_embedded(name)
-        res = iv.evaluate(model.to(device), splits.test(args.n), device, progress=not args.quiet, dtype=dtype)
+        res = iv.evaluate(model.to(device), splits.test(args.n), device, progress=_bars(args), dtype=dtype)
         rows.append({"model": f"embedded-{name}", "top1": res["top1"], "top5": res["top5"], "n": res["n"]})
     _print_table(rows, ["model", "top1", "top5", "n"])
     return 0
@@ -158,7 +165,7 @@ def _evaluate_timm(args: argparse.Namespace, device: Any) -> int:
     loader = imagefolder_loader(val, model, n=args.n, batch_size=args.batch_size, num_workers=_workers(args), seed=args.seed,
                                 pin_memory=device.type == "cuda")  # fmt: skip
     check_classes(dataset_classes(loader), model, val)
-    res = iv.evaluate(model.to(device), loader, device, progress=not args.quiet, dtype=dtype)
+    res = iv.evaluate(model.to(device), loader, device, progress=_bars(args), dtype=dtype)
     paper = PAPER_MODELS.get(args.model.split(".", 1)[0])
     top1 = 100 * res["top1"]
     row = {"model": args.model, "top1_%": round(top1, 2), "top5_%": round(100 * res["top5"], 2), "n": res["n"],
@@ -220,12 +227,13 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = iv.quantize(
         model, args.method, args.w_bits, args.a_bits, calib_x, iters=args.iters, device=device, seed=args.seed,
-        checkpoint_dir=(out / "checkpoint") if out is not None else None, progress=not args.quiet,
+        checkpoint_dir=(out / "checkpoint") if out is not None else None, progress=_bars(args),
         matmul_dtype=getattr(args, "matmul_dtype", "float32"), batch_size=getattr(args, "batch_size", None),
+        compile=getattr(args, "compile", False),
     )  # fmt: skip
     wall = time.perf_counter() - t0
     del calib_x  # evaluation needs only the test loader
-    cmp = compare_to_fp(model, res.model, test_loader, device, progress=not args.quiet, fp_dtype=eval_dtype)
+    cmp = compare_to_fp(model, res.model, test_loader, device, progress=_bars(args), fp_dtype=eval_dtype)
     record = {
         "model": args.model, "method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
         "calib_images": int(res.config["calib_images"]), "iters": res.config["iters"], "fp_top1": cmp["fp_top1"],
@@ -233,7 +241,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "test_subset": "all" if args.test_images is None else ("stratified" if args.data else "first"),
         "wall_s": round(wall, 2), "stage_s": {k: round(v, 2) for k, v in res.timings.items()},
         "peak_rss_mb": _peak_rss_mb(), "device": str(device), "seed": args.seed, "version": __version__,
-        "matmul_dtype": getattr(args, "matmul_dtype", "float32"), "eval_dtype": eval_dtype,
+        "matmul_dtype": getattr(args, "matmul_dtype", "float32"), "compile": getattr(args, "compile", False), "eval_dtype": eval_dtype,
         "batch_size": res.config["batch_size"], "workers": _workers(args) if args.data else 0, **weights_record(model),
     }  # fmt: skip
     if out is not None:
@@ -255,27 +263,52 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Evaluate the embedded models, then quantize the embedded ViT (I&S-ViT W4/A4, W3/A3, RepQ-ViT)."""
-    print(f"isvit_viz {__version__}: embedded models (FP, Fashion-MNIST test set)")
-    cmd_evaluate(argparse.Namespace(models=["vit", "swin"], n=None, quiet=args.quiet))
-    iters, calib, n_test = (args.iters or 1000, 1024, None) if args.full else (args.iters or 40, 256, 2000)
-    print(f"\nPTQ of embedded-vit ({'full' if args.full else 'fast'} mode: {calib} calibration images, "
-          f"{iters} iterations per unit and stage, {n_test or 10000} test images)")  # fmt: skip
+#: The demo's first comparison: calibration only (no reconstruction), seconds per method.
+DEMO_QUICK = (("minmax", 4, 4), ("repq-vit", 4, 4), ("isvit", 4, 4))
+#: The demo's second comparison: I&S-ViT with reconstruction against RepQ-ViT.
+DEMO_RECON = (("repq-vit", 4, 4), ("isvit", 4, 4), ("repq-vit", 3, 3), ("isvit", 3, 3))
+
+
+def _demo_runs(args: argparse.Namespace, specs, iters: int, calib: int, n_test: int | None, t0: float) -> list[dict]:  # noqa: ANN001
+    """Quantize the embedded ViT once per (method, w_bits, a_bits); print each result as it arrives."""
     rows = []
-    for method, wb, ab in (("repq-vit", 4, 4), ("isvit", 4, 4), ("repq-vit", 3, 3), ("isvit", 3, 3)):
+    for method, wb, ab in specs:
         ns = argparse.Namespace(
             model="embedded-vit", method=method, w_bits=wb, a_bits=ab, calib=calib, iters=iters, test_images=n_test,
             device=args.device, seed=0, out=None, resume=False, overwrite=False, save_model=False, data=None,
             weights=None, quiet=args.quiet, threads=args.threads,
         )  # fmt: skip
         rows.append(run_quantize(ns))
+        r = rows[-1]
+        print(f"  [{time.perf_counter() - t0:5.0f} s] {method:9s} W{wb}/A{ab}: top-1 {r['q_top1']:.4f}, "
+              f"agreement with FP {r['agree_top1']:.4f}, KL {r['kl_to_fp']:.4f}", flush=True)  # fmt: skip
+    return rows
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Evaluate the embedded models; a calibration-only PTQ comparison (first result in about two
+    minutes on a 2-core CPU); then I&S-ViT with reconstruction against RepQ-ViT; then the notebooks."""
+    t0 = time.perf_counter()
+    print(f"isvit_viz {__version__}: embedded models (FP, Fashion-MNIST test set)", flush=True)
+    cmd_evaluate(argparse.Namespace(models=["vit", "swin"], n=None, quiet=args.quiet))
+    n_quick = 2000
+    print(f"\n[{time.perf_counter() - t0:.0f} s] PTQ of embedded-vit, calibration only (256 images, no reconstruction; "
+          f"{n_quick} test images):", flush=True)  # fmt: skip
+    rows = _demo_runs(args, DEMO_QUICK, 0, 256, n_quick, t0)
     print()
     _print_table(rows, TABLE_COLS)
+    iters, calib, n_test = (args.iters or 1000, 1024, None) if args.full else (args.iters or 40, 256, 2000)
+    print(f"\n[{time.perf_counter() - t0:.0f} s] PTQ of embedded-vit with reconstruction ({'full' if args.full else 'fast'} mode: "
+          f"{calib} calibration images, {iters} iterations per unit and stage, {n_test or 10000} test images):", flush=True)  # fmt: skip
+    rows = _demo_runs(args, DEMO_RECON, iters, calib, n_test, t0)
+    print()
+    _print_table(rows, TABLE_COLS)
+    print(f"[{time.perf_counter() - t0:.0f} s] PTQ tables done", flush=True)
     if not args.no_notebooks:
         out = Path(args.out)
-        print(f"\nexecuting the notebooks (fast mode) into {out} ...")
+        print(f"\nexecuting the notebooks (fast mode) into {out} ...", flush=True)
         cmd_reproduce(argparse.Namespace(out=str(out), full=False, notebooks=None, overwrite=True))
+    print(f"[{time.perf_counter() - t0:.0f} s] demo done", flush=True)
     return 0
 
 
@@ -380,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--matmul-dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: faster reconstruction matmuls"
     )
+    q.add_argument(
+        "--compile", action="store_true", help="torch.compile each reconstruction step (faster long runs; needs a C++ compiler)"
+    )
     q.add_argument("--eval-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="autocast dtype of the FP reference evaluation (CUDA only)")  # fmt: skip
     q.add_argument("--out", default=None, help="folder for results.json (and model.pt with --save-model)")
@@ -404,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # piped (make demo | tee, CI logs): each line as it is printed
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

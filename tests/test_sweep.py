@@ -366,6 +366,10 @@ def test_ray_sweep_stopped_after_one_cell_resumes_with_the_rest(ray_cluster, ser
         if hold.exists() and cell.key != "vit_minmax_w3a3_s0":
             (started / str(os.getpid())).touch()
             time.sleep(300)
+        elif hold.exists():  # the cell that finishes waits for a held one to start (a loaded machine starts it late)
+            deadline = time.monotonic() + 120
+            while not any(started.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.1)
         return run_cell(spec, cell)
 
     first = run_sweep(SweepSpec(**TINY), out, max_cells=1, progress=False, cell_fn=held)  # stop after one cell

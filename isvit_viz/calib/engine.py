@@ -89,7 +89,7 @@ def _unit_is_quantized(unit: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Run-level reconstruction settings (the ``quantize()`` arguments).
+    """Run-level reconstruction settings (the ``quantize()`` arguments; ``compile``: see :class:`ReconConfig`).
 
     ``iters`` / ``batch_size`` / ``lr``: ``None`` lets each stage use its own value, and the run default
     (``default_iters``, batch 64, lr 4e-5) where the stage leaves it ``None``; a number overrides every
@@ -101,6 +101,7 @@ class RunSettings:
     lr: float | None
     matmul_dtype: str = "float32"
     default_iters: int = 1000
+    compile: bool = False
 
     def resolve(self, stage: Reconstruct) -> Reconstruct:
         """``stage`` with ``iters`` / ``batch_size`` / ``lr`` decided (run override > stage > default)."""
@@ -117,7 +118,7 @@ class RunSettings:
         s = self.resolve(stage)
         mix = s.inputs.p if isinstance(s.inputs, Mix) else 0.0
         return ReconConfig(iters=s.iters, batch_size=s.batch_size, lr=s.lr, act_drop_prob=s.act_drop_prob,
-                           matmul_dtype=self.matmul_dtype, rounding=s.rounding, input_mix=mix,
+                           matmul_dtype=self.matmul_dtype, compile=self.compile, rounding=s.rounding, input_mix=mix,
                            act_scale_lr=s.act_scale_lr, act_scale_grad_scale=s.act_scale_grad_scale,
                            loss_p=s.loss_p)  # fmt: skip
 

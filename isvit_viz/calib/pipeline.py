@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.config import QuantConfig
 from ..quant.wrap import quantize_model, supported_model
-from ..utils import resolve_device
+from ..utils import resolve_device, retain_freed_memory
 from .cache import MemoryBudget
 from .engine import (
     EngineContext,
@@ -130,6 +131,25 @@ def _check_reconstruction(recon: list[Reconstruct], run: RunSettings, model: nn.
             raise ValueError(f"calibration set has {len(images)} images, fewer than the batch size {run.resolve(s).batch_size}")
 
 
+def _teacher_and_student(model: nn.Module, qcfg: QuantConfig, dev: torch.device) -> tuple[nn.Module, nn.Module]:
+    """A frozen FP copy of ``model`` (the teacher) and a quant-wrapped copy (the model to calibrate)."""
+    teacher = copy.deepcopy(model).to(dev).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, quantize_model(copy.deepcopy(model), qcfg).to(dev).eval()
+
+
+def _resume(ctx: EngineContext, checkpoint_dir: str | Path | None, config: dict) -> dict | None:
+    """Attach the run's checkpoint to ``ctx`` and restore a previous run's progress (``None``: fresh start)."""
+    ctx.checkpoint = _Checkpoint(checkpoint_dir, config) if checkpoint_dir is not None else None
+    resume = ctx.checkpoint.load(ctx.qmodel, ctx.generator) if ctx.checkpoint else None
+    if resume:
+        ctx.timings.update(resume["timings"])
+        ctx.unit_losses = resume["unit_losses"]
+        ctx.stages_done = list(resume["stages_done"])
+    return resume
+
+
 def quantize(
     model: nn.Module,
     method: str | Method,
@@ -148,6 +168,7 @@ def quantize(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     matmul_dtype: str = "float32",
+    compile: bool = False,
 ) -> QuantResult:
     """Quantize a timm ViT/DeiT/Swin with ``method`` and return a :class:`QuantResult`.
 
@@ -177,6 +198,9 @@ def quantize(
         matmul_dtype: ``"bfloat16"`` runs the reconstruction's matrix products in bf16 (quantizers,
             norms and softmax stay fp32); several times faster on CPUs with AMX and on GPUs. The
             returned model always evaluates in fp32.
+        compile: run every reconstruction step through ``torch.compile`` (one compilation per unit,
+            eager fallback with a warning; :mod:`isvit_viz.calib.fast`). Faster for long runs; not
+            bit-identical to eager.
 
     Raises:
         UnsupportedModelError: (a ``ValueError``) before any work, for architectures whose wrapping,
@@ -185,12 +209,13 @@ def quantize(
             field), bad run settings or calibration data.
     """
     kind = supported_model(model)  # architecture guard first (isvit_viz.models.support)
+    retain_freed_memory()  # reconstruction steps re-allocate the same large blocks: no page faults for them
     m = resolve_method(method, softmax_quantizer, sos)
     check_handlers(m.stages)
     qcfg = m.quant_config(w_bits, a_bits)
-    run = RunSettings(iters=iters, batch_size=batch_size, lr=lr, matmul_dtype=matmul_dtype, default_iters=_default_iters(a_bits))
+    run = RunSettings(iters, batch_size, lr, matmul_dtype, _default_iters(a_bits), compile)
     given = {k: v for k, v in {"iters": iters, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-    ReconConfig(**given, matmul_dtype=matmul_dtype)  # check the run settings, even where no stage uses them
+    ReconConfig(**given, matmul_dtype=matmul_dtype, compile=compile)  # check the run settings, even where no stage uses them
     recon = [s for s in m.stages if isinstance(s, Reconstruct)]
     images = _as_image_tensor(calib)
     _check_reconstruction(recon, run, model, images)
@@ -201,24 +226,16 @@ def quantize(
     config = {
         "method": method if isinstance(method, str) else m.name, "w_bits": w_bits, "a_bits": a_bits, "iters": n_iters,
         "batch_size": first.batch_size, "lr": first.lr, "seed": seed, "calib_images": len(images), "softmax_quantizer": m.softmax,
-        "sos": sos, "schedule": m.schedule, "matmul_dtype": matmul_dtype, "quant_config": qcfg.to_dict(), "model_kind": kind,
+        "sos": sos, "schedule": m.schedule, "matmul_dtype": matmul_dtype, "compile": compile, "quant_config": qcfg.to_dict(), "model_kind": kind,
         "build_spec": getattr(model, "isvit_build_spec", None), "stages": stages,
     }  # fmt: skip
 
-    teacher = copy.deepcopy(model).to(dev).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    qmodel = quantize_model(copy.deepcopy(model), qcfg).to(dev).eval()
+    teacher, qmodel = _teacher_and_student(model, qcfg, dev)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # QDrop masks use the global RNG
     ctx = EngineContext(qmodel=qmodel, teacher=teacher, images=images, device=dev, budget=MemoryBudget(memory_budget, device=dev),
                         generator=gen, run=run, model_kind=kind, label=m.name, progress=progress, quant_config=qcfg)  # fmt: skip
-    ctx.checkpoint = _Checkpoint(checkpoint_dir, config) if checkpoint_dir is not None else None
-    resume = ctx.checkpoint.load(qmodel, gen) if ctx.checkpoint else None
-    if resume:
-        ctx.timings.update(resume["timings"])
-        ctx.unit_losses = resume["unit_losses"]
-        ctx.stages_done = list(resume["stages_done"])
+    resume = _resume(ctx, checkpoint_dir, config)
     run_stages(m.stages, ctx, cbs, resume)
     ctx.timings["total"] = sum(v for k, v in ctx.timings.items() if k != "total")
     choices = softmax_choices(ctx.unit_losses)

@@ -45,6 +45,7 @@ from ..quant.adaround import adaround_layers, attach_adaround, beta_at, detach_a
 from ..quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule, maybe_drop
 from ..quant.uniform import UniformQuantizer
 from .cache import TensorCache
+from .fast import compiled
 from .losses import LossState, LpLoss, ReconLoss
 
 ROUNDINGS = ("ste", "adaround", "fixed")
@@ -70,6 +71,10 @@ class ReconConfig:
         input_mix: QDrop: probability that an element of the unit's input is the FP-teacher input
             instead of the quantized-model input (needs ``fp_inputs``). QDrop uses 0.5.
         matmul_dtype: ``"bfloat16"``: matmuls in bf16 during reconstruction only (speed option).
+        compile: run the unit's forward and backward through ``torch.compile`` (speed option, off by
+            default; :func:`isvit_viz.calib.fast.compiled`): one compilation per unit, worth it for
+            hundreds of steps. Falls back to eager, with a warning, where compilation fails (no C++
+            compiler). Not bit-identical to eager (fused kernels reorder float operations).
         rounding: ``"ste"``, ``"adaround"`` or ``"fixed"`` (module docstring).
         loss_p: exponent of the reconstruction error (2: squared error).
         alpha_lr: Adam learning rate of AdaRound's alpha (1e-3, BRECQ/QDrop: Adam's default).
@@ -87,6 +92,7 @@ class ReconConfig:
     lr: float = 4e-5
     act_drop_prob: float = 0.0
     matmul_dtype: str = "float32"
+    compile: bool = False
     rounding: str = "ste"
     input_mix: float = 0.0
     alpha_lr: float = 1e-3
@@ -106,6 +112,8 @@ class ReconConfig:
             v = getattr(self, name)
             if not (v > 0 and v < float("inf")):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.matmul_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"matmul_dtype must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
         _check_prob("act_drop_prob", self.act_drop_prob)
@@ -396,6 +404,7 @@ def _optimise(
     """
     nan = float("nan")
     out = {"loss_first": nan, "loss_last": nan, "rec_first": nan, "rec_last": nan, "round_first": nan, "round_last": nan}
+    forward = compiled(unit) if cfg.compile else unit
     with torch.enable_grad():
         for it in tqdm(range(cfg.iters), desc=desc, disable=not progress, leave=False):
             loss_run.before_step(it)
@@ -403,7 +412,7 @@ def _optimise(
             x = _batch(data.inputs, data.fp_inputs, idx, cfg.input_mix, device)
             grad = None if data.grad_rows is None else data.grad_rows.gather(idx, device)
             state = LossState(grad=grad, idx=idx, tokens_last=tokens_last)
-            rec = loss_run.loss(unit(x), data.targets.gather(idx, device), state)
+            rec = loss_run.loss(forward(x), data.targets.gather(idx, device), state)
             rnd = _rounding_loss(alphas, cfg, it + 1)
             loss = rec if rnd is None else rec + rnd
             for opt, _ in steps:

@@ -6,6 +6,8 @@ it computes exactly what the timm layer computes.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,18 +45,51 @@ def maybe_drop(x_q: torch.Tensor, x_fp: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(torch.rand_like(x_fp) < p, x_fp, x_q)
 
 
+#: Fake-quantized weights of layers whose weights take no gradient (evaluation), by layer.
+_FROZEN_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+
+
+def _weight_state(layer: QuantLinear | QuantConv2d) -> tuple:
+    """Everything the fake-quantized weight depends on: the weight and quantizer tensors (the objects
+    themselves, so a replaced tensor never matches, their storage, dtype and in-place version
+    counters) and the quantizer's plain settings (bits, mode, ...)."""
+    q = layer.weight_quantizer
+    tensors = (layer.weight, *q._buffers.values(), *q._parameters.values())
+    settings = tuple((k, v) for k, v in vars(q).items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
+    # storage and version of each: ``module.to(...)`` swaps ``.data`` in place of the objects
+    versions = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
+    return (q, tensors, versions, settings)
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and all(x is y for x, y in zip(a[1], b[1], strict=True)) and a[2:] == b[2:]
+
+
 def _quantized_weight(layer: QuantLinear | QuantConv2d) -> torch.Tensor:
     """The layer's weight as its forward uses it: FP, fake-quantized, or AdaRound's soft rounding.
 
     ``layer.adaround`` (an :class:`isvit_viz.quant.adaround.AdaRound`) exists only while a
-    reconstruction learns the rounding; it is not an attribute otherwise.
+    reconstruction learns the rounding; it is not an attribute otherwise. When no gradient can reach
+    the weight (evaluation), the fake-quantized weight is computed once and reused until the weight
+    or its quantizer changes (:func:`_weight_state`), so an evaluation pass does not re-quantize every
+    weight for every batch.
     """
     if not layer.weight_quant:
         return layer.weight
     ada = layer._modules.get("adaround")
     if ada is not None:
         return ada(layer.weight, layer.weight_quantizer)
-    return layer.weight_quantizer(layer.weight)
+    if torch.is_grad_enabled() and layer.weight.requires_grad or layer.weight_quantizer.calibrate_on_next_forward:
+        return layer.weight_quantizer(layer.weight)
+    state = _weight_state(layer)
+    hit = _FROZEN_WEIGHTS.get(layer)
+    if hit is not None and _same_state(hit[0], state):
+        return hit[1]
+    with torch.no_grad():
+        w = layer.weight_quantizer(layer.weight)
+    _FROZEN_WEIGHTS[layer] = (state, w)
+    return w
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:

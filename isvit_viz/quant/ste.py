@@ -35,8 +35,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest with a straight-through gradient (identity backward).
 
     ``x + (round(x) - x).detach()`` is exactly ``round(x)`` in floating point: ``round(x) - x`` is the
-    fractional part, which is always representable.
+    fractional part, which is always representable. Without autograd this is plain ``torch.round``
+    (one pass instead of three: the evaluation forward of a fake-quantized model rounds a lot).
     """
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.round(x)
     return x + (torch.round(x) - x).detach()
 
 

@@ -91,6 +91,30 @@ class SULQ(Quantizer):
             e = round_ste(codes * self._step(2**self.bits) + self.minv)
         return torch.exp2(e) - self.eta
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrate_on_next_forward or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        self._check_ready()
+        return self._fake_quant_no_grad(x)
+
+    def _fake_quant_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """``_dequant(_codes(x))`` in one buffer, bit for bit (evaluation: no autograd).
+
+        Paper mode folds the zero-point into the clamp bounds (``z`` is a whole number, so
+        ``clamp(r + z, 0, qmax) - z == clamp(r, -z, qmax - z)`` exactly) and the sign of ``y`` into the
+        step (``-y / s == y / (-s)`` and rounding to nearest even is symmetric).
+        """
+        t = torch.add(x, self.eta).log2_()
+        if self.mode == "paper":
+            qmax = 2**self.bits - 1
+            s = self._step(qmax)
+            z = float(torch.round(-self.minv / s))
+            t.div_(-s).round_().clamp_(-z, qmax - z).mul_(-s)
+        else:
+            d = self._step(2**self.bits)
+            t.sub_(self.minv).div_(d).round_().clamp_(0, 2**self.bits).mul_(d).add_(self.minv)
+        return t.round_().exp2_().sub_(self.eta).to(x.dtype)
+
     def exponents(self) -> torch.Tensor:
         """Integer exponent of every code (length ``n_codes``): the 'bit-shift' view of the levels."""
         self._check_ready()

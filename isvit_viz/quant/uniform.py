@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import Quantizer
-from .ste import clamp_ste, inside_mask, rnd
+from .ste import clamp_ste, rnd
 
 #: Percentile candidates of the official code (method.md 2.1).
 ACT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
@@ -114,21 +114,32 @@ class _UniformFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int, grad_factor: float = 1.0
+        ctx,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        qmax: int,
+        grad_factor: float = 1.0,
+        integer_zp: bool = False,
     ) -> torch.Tensor:
-        code = torch.round(x / scale).add_(zero_point)
-        mask = inside_mask(code, 0, qmax)
+        code = torch.round(x / scale)
+        if integer_zp:  # clamp(r + z, 0, qmax) - z == clamp(r, -z, qmax - z) for whole-number z
+            out = code.clamp(*_shifted_bounds(zero_point, qmax))
+        else:
+            out = code.add_(zero_point).clamp(0, qmax)
+        mask = torch.eq(out, code)  # the code lies in [0, qmax], edges included
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(mask, x, scale, zero_point)
             ctx.qmax, ctx.grad_factor = qmax, grad_factor
         else:
             ctx.save_for_backward(mask)
-        return code.clamp_(0, qmax).sub_(zero_point).mul_(scale)
+        return (out if integer_zp else out.sub_(zero_point)).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mask = ctx.saved_tensors[0]
-        grad_x = grad * mask if ctx.needs_input_grad[0] else None
+        # where, not grad * mask: one pass, no float copy of the mask (same values up to the sign of 0)
+        grad_x = torch.where(mask, grad, 0.0) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
             _, x, scale, zp = ctx.saved_tensors
@@ -136,7 +147,32 @@ class _UniformFakeQuant(torch.autograd.Function):
             q = torch.round(v).add_(zp).clamp_(0, ctx.qmax).sub_(zp)  # x_hat / s
             ds = torch.where(mask, q - v, q)
             grad_s = (grad * ds).sum_to_size(scale.shape) * ctx.grad_factor
-        return grad_x, grad_s, None, None, None
+        return grad_x, grad_s, None, None, None, None
+
+
+def _shifted_bounds(zero_point: torch.Tensor, qmax: int) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """Clamp bounds ``(-z, qmax - z)`` of the rounded input ``x/s`` (Python floats when per-tensor)."""
+    if zero_point.dim() == 0 or zero_point.numel() == 1:
+        z = float(zero_point)
+        return -z, qmax - z
+    return -zero_point, qmax - zero_point
+
+
+def _fake_quant_no_grad(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int, integer_zp: bool
+) -> torch.Tensor:
+    """``(clamp(round(x/s) + z, 0, qmax) - z) * s`` in one buffer, bit for bit (no autograd).
+
+    With whole-number zero-points, ``clamp(r + z, 0, qmax) - z == clamp(r, -z, qmax - z)`` exactly
+    (small integers are exact in floating point), which saves two passes; a fractional zero-point
+    (official-mode reparameterization) takes the literal formula.
+    """
+    out = torch.div(x, scale).round_()
+    if integer_zp:
+        out.clamp_(*_shifted_bounds(zero_point, qmax))
+    else:
+        out.add_(zero_point).clamp_(0, qmax).sub_(zero_point)
+    return out.mul_(scale).to(x.dtype)
 
 
 class UniformQuantizer(Quantizer):
@@ -253,11 +289,24 @@ class UniformQuantizer(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         learn = self.learns_scale
-        if self.calibrate_on_next_forward or not torch.is_grad_enabled() or not (x.requires_grad or learn):
+        if self.calibrate_on_next_forward:
             return super().forward(x)
         self._check_ready()
+        if not torch.is_grad_enabled() or not (x.requires_grad or learn):
+            return _fake_quant_no_grad(x, self.scale, self.zero_point, self.qmax, self._integer_zero_point())
         factor = self._scale_grad_factor(x) if learn else 1.0
-        return _UniformFakeQuant.apply(x, self.scale, self.zero_point, self.qmax, factor)
+        return _UniformFakeQuant.apply(x, self.scale, self.zero_point, self.qmax, factor, self._integer_zero_point())
+
+    def _integer_zero_point(self) -> bool:
+        """Whether every zero-point is a whole number, memoised on the buffer object and its version
+        (the memo holds the tensor itself, so a new buffer can never be mistaken for the old one)."""
+        if torch.compiler.is_compiling():  # the literal formula: same values, no data-dependent branch
+            return False
+        z = self.zero_point
+        memo = self.__dict__.get("_zp_memo")
+        if memo is None or memo[0] is not z or memo[1] != z._version:
+            memo = self.__dict__["_zp_memo"] = (z, z._version, bool(torch.equal(z, torch.round(z))))
+        return memo[2]
 
     def _codes(self, x: torch.Tensor, ste: bool) -> torch.Tensor:
         return clamp_ste(rnd(x / self.scale, ste) + self.zero_point, 0, self.qmax)

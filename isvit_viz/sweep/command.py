@@ -117,7 +117,12 @@ def run_command(args: argparse.Namespace) -> int:
     if args.max_cells is not None and args.max_cells < 1:
         raise ValueError(f"--max-cells must be >= 1, got {args.max_cells}")
     return run_and_report(
-        spec_from_args(args), out, address=args.address, backend=args.backend, max_cells=args.max_cells, progress=not args.quiet
+        spec_from_args(args),
+        out,
+        address=args.address,
+        backend=args.backend,
+        max_cells=args.max_cells,
+        progress=not args.quiet and sys.stderr.isatty(),
     )
 
 
