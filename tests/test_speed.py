@@ -70,15 +70,21 @@ def _layer(seed: int = 0) -> QuantLinear:
     return layer
 
 
-def _count_calls(q: torch.nn.Module) -> list[int]:
-    calls = [0]
-    q.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+def _count_calls(monkeypatch) -> list[int]:
+    """Calls of UniformQuantizer.forward, counted at the class (a hook would itself turn the cache off)."""
+    calls, forward = [0], UniformQuantizer.forward
+
+    def counted(self, x):
+        calls[0] += 1
+        return forward(self, x)
+
+    monkeypatch.setattr(UniformQuantizer, "forward", counted)
     return calls
 
 
-def test_frozen_weight_cache_reuses_until_anything_changes():
+def test_frozen_weight_cache_reuses_until_anything_changes(monkeypatch):
     layer = _layer()
-    calls = _count_calls(layer.weight_quantizer)
+    calls = _count_calls(monkeypatch)
     x = torch.randn(3, 8)
     with torch.no_grad():
         y0 = layer(x)
@@ -103,6 +109,25 @@ def test_frozen_weight_cache_reuses_until_anything_changes():
     layer(x).sum().backward()
     layer(x).sum().backward()
     assert calls[0] == 7 and layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_hooks_bypasses_and_foreign_quantizers_see_every_call(monkeypatch):
+    """Analyses observe or replace the weight quantizer (sensitivity, captures): no cached weight then."""
+    layer = _layer()
+    calls = _count_calls(monkeypatch)
+    x = torch.randn(3, 8)
+    seen = []
+    with torch.no_grad():
+        layer(x)
+        h = layer.weight_quantizer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        layer(x), layer(x)
+        assert calls[0] == 3 and len(seen) == 2  # the hook saw both calls
+        h.remove()
+        layer.weight_quantizer.forward = lambda w: w  # a bypass, as the sensitivity analysis does
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        del layer.weight_quantizer.forward
+        layer.weight_quantizer = torch.nn.Identity()  # not one of ours
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 def test_recon_config_rejects_a_non_bool_compile():

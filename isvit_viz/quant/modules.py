@@ -66,6 +66,20 @@ def _same_state(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and all(x is y for x, y in zip(a[1], b[1], strict=True)) and a[2:] == b[2:]
 
 
+def _cacheable(layer: QuantLinear | QuantConv2d) -> bool:
+    """Whether the weight quantizer's output may be reused: no gradient can reach the weight, and the
+    quantizer is one of ours, called plainly. Hooks (analysis captures, sensitivity switches), a
+    replaced ``forward`` (a bypass) or a pending calibration must see every call."""
+    q = layer.weight_quantizer
+    if torch.is_grad_enabled() and layer.weight.requires_grad:
+        return False
+    if not isinstance(q, Quantizer) or q.calibrate_on_next_forward or "forward" in vars(q):
+        return False
+    hooks = (q._forward_hooks, q._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+             nn.modules.module._global_forward_pre_hooks)  # fmt: skip
+    return not any(hooks)
+
+
 def _quantized_weight(layer: QuantLinear | QuantConv2d) -> torch.Tensor:
     """The layer's weight as its forward uses it: FP, fake-quantized, or AdaRound's soft rounding.
 
@@ -80,7 +94,7 @@ def _quantized_weight(layer: QuantLinear | QuantConv2d) -> torch.Tensor:
     ada = layer._modules.get("adaround")
     if ada is not None:
         return ada(layer.weight, layer.weight_quantizer)
-    if torch.is_grad_enabled() and layer.weight.requires_grad or layer.weight_quantizer.calibrate_on_next_forward:
+    if not _cacheable(layer):
         return layer.weight_quantizer(layer.weight)
     state = _weight_state(layer)
     hit = _FROZEN_WEIGHTS.get(layer)
