@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -59,16 +60,13 @@ def _block(bits: int, batch: int, matmul_dtype: str):  # noqa: ANN202 - torch ob
     return blk, x, y, torch.optim.Adam(params, lr=4e-5)
 
 
-def _median_time(fn, reps: int) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(fn) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def _floor(step) -> tuple[callable, int]:  # noqa: ANN001
+def _floor(step) -> tuple[Callable[[], None], int]:  # noqa: ANN001
     """A function running the step's matrix products alone (shapes and dtypes from the profiler)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -117,8 +115,8 @@ def step_figures(matmul_dtype: str, compile_step: bool, reps: int) -> dict:
     floor()
     step_s, floor_s = [], []
     for _ in range(reps):  # interleaved: both see the same load
-        step_s.append(_median_time(step, 1))
-        floor_s.append(_median_time(floor, 1))
+        step_s.append(_seconds(step))
+        floor_s.append(_seconds(floor))
     s, f = statistics.median(step_s), statistics.median(floor_s)
     return {"step_s": s, "floor_s": f, "ratio": s / f, "matmuls": n_mm, "first_step_s": first}
 
@@ -136,8 +134,8 @@ def forward_figures(batch: int, reps: int) -> dict:
     with torch.no_grad():
         model(x), q(x)
         for _ in range(reps):
-            fp_s.append(_median_time(lambda: model(x), 1))
-            fq_s.append(_median_time(lambda: q(x), 1))
+            fp_s.append(_seconds(lambda: model(x)))
+            fq_s.append(_seconds(lambda: q(x)))
     fp, fq = statistics.median(fp_s), statistics.median(fq_s)
     return {"fp_s": fp, "fake_quant_s": fq, "ratio": fq / fp}
 

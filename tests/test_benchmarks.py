@@ -62,32 +62,30 @@ def test_report_merges_runs_from_several_files(tmp_path):
     assert report.device_label(bf16["env"], bf16["settings"]) == "CPU x1 bf16"
 
 
-def test_readme_accuracy_table_is_the_committed_measurements():
-    # The README's table must be exactly what benchmarks.report renders from the raw JSON in
-    # benchmarks/results/accuracy (so nobody edits a number by hand).
+def _readme_table_files(marker: str, folder: str) -> list:
+    """The raw JSON behind a generated README table, after checking the table is exactly their rendering."""
     from pathlib import Path
 
     from benchmarks import report
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    table = readme.split("<!-- accuracy-table:begin -->\n")[1].split("\n<!-- accuracy-table:end -->")[0]
-    files = sorted((root / "benchmarks" / "results" / "accuracy").glob("*.json"))
+    table = readme.split(f"<!-- {marker}:begin -->\n")[1].split(f"\n<!-- {marker}:end -->")[0]
+    files = sorted((root / "benchmarks" / "results" / folder).glob("*.json"))
     assert files and table == report.render(report.merge(files))
+    return files
+
+
+def test_readme_accuracy_table_is_the_committed_measurements():
+    # The README's table must be exactly what benchmarks.report renders from the raw JSON in
+    # benchmarks/results/accuracy (so nobody edits a number by hand).
+    _readme_table_files("accuracy-table", "accuracy")
 
 
 def test_readme_matched_budget_table_is_the_committed_measurements():
     # The matched-budget runs (every stage overridden to the same steps and batch) live in their own folder
     # and table, so the main table keeps each method at its own settings.
-    from pathlib import Path
-
-    from benchmarks import report
-
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    table = readme.split("<!-- matched-table:begin -->\n")[1].split("\n<!-- matched-table:end -->")[0]
-    files = sorted((root / "benchmarks" / "results" / "matched_budget").glob("*.json"))
-    assert files and table == report.render(report.merge(files))
+    files = _readme_table_files("matched-table", "matched_budget")
     assert all(r["iters"] == 1000 and json.loads(f.read_text())["settings"]["batch_size"] == 64
                for f in files for r in json.loads(f.read_text())["runs"])  # fmt: skip
 

@@ -131,6 +131,20 @@ def _check_reconstruction(recon: list[Reconstruct], run: RunSettings, model: nn.
             raise ValueError(f"calibration set has {len(images)} images, fewer than the batch size {run.resolve(s).batch_size}")
 
 
+def _run_config(
+    m: Method, run: RunSettings, recon: list[Reconstruct], qcfg: QuantConfig, given: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's record (``QuantResult.config``, the checkpoint's resume guard): ``given`` plus what the
+    method and the run settings decide, in the record's key order."""
+    n_iters, stages = _stage_record(m, run)
+    first = run.resolve(recon[0]) if recon else run.resolve(Reconstruct())
+    order = ["method", "w_bits", "a_bits", "iters", "batch_size", "lr", "seed", "calib_images", "softmax_quantizer", "sos",
+             "schedule", "matmul_dtype", "compile", "quant_config", "model_kind", "build_spec", "stages"]  # fmt: skip
+    decided = {"iters": n_iters, "batch_size": first.batch_size, "lr": first.lr, "softmax_quantizer": m.softmax,
+               "schedule": m.schedule, "quant_config": qcfg.to_dict(), "stages": stages}  # fmt: skip
+    return {k: {**given, **decided}[k] for k in order}
+
+
 def _teacher_and_student(model: nn.Module, qcfg: QuantConfig, dev: torch.device) -> tuple[nn.Module, nn.Module]:
     """A frozen FP copy of ``model`` (the teacher) and a quant-wrapped copy (the model to calibrate)."""
     teacher = copy.deepcopy(model).to(dev).eval()
@@ -221,15 +235,11 @@ def quantize(
     _check_reconstruction(recon, run, model, images)
     dev = resolve_device(device, model)
     cbs = [callbacks] if callable(callbacks) else list(callbacks or [])
-    n_iters, stages = _stage_record(m, run)
-    first = run.resolve(recon[0]) if recon else run.resolve(Reconstruct())
-    config = {
-        "method": method if isinstance(method, str) else m.name, "w_bits": w_bits, "a_bits": a_bits, "iters": n_iters,
-        "batch_size": first.batch_size, "lr": first.lr, "seed": seed, "calib_images": len(images), "softmax_quantizer": m.softmax,
-        "sos": sos, "schedule": m.schedule, "matmul_dtype": matmul_dtype, "compile": compile, "quant_config": qcfg.to_dict(), "model_kind": kind,
-        "build_spec": getattr(model, "isvit_build_spec", None), "stages": stages,
-    }  # fmt: skip
-
+    config = _run_config(m, run, recon, qcfg, {
+        "method": method if isinstance(method, str) else m.name, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
+        "calib_images": len(images), "sos": sos, "matmul_dtype": matmul_dtype, "compile": compile, "model_kind": kind,
+        "build_spec": getattr(model, "isvit_build_spec", None),
+    })  # fmt: skip
     teacher, qmodel = _teacher_and_student(model, qcfg, dev)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # QDrop masks use the global RNG

@@ -63,8 +63,3 @@ def clamp_ste(x: torch.Tensor, lo: float | None = None, hi: float | None = None)
     if hi is not None:
         inside &= x <= hi
     return torch.where(inside, x, out)
-
-
-def inside_mask(code: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Where :func:`clamp_ste` passes the gradient: ``lo <= code <= hi`` (for fused backward passes)."""
-    return (code >= lo) & (code <= hi)
