@@ -8,7 +8,7 @@
 #   DEVICE=cpu DEIT_ARGS=--smoke ACC_ARGS="--iters 2 --calib 64 --test 200" bash benchmarks/run_on_gpu.sh  # dry run
 # The 2025 methods (issue #17): deit_small-shaped W3/A3 at one matched budget (1000 steps) per method, then the
 # embedded-ViT cells at each method's own settings (20,000 steps: expect the time cap to stop the later cells):
-#   DEIT_METHODS="isvit aphq-vit fima-q" STREAM_METHODS="aphq-vit fima-q isvit" DEIT_CAP=120 TOTAL_CAP=540 \
+#   DEIT_METHODS="isvit isvit+ aphq-vit fima-q" STREAM_METHODS="aphq-vit fima-q isvit+" DEIT_CAP=120 TOTAL_CAP=540 \
 #     OUT=runs/gpu2025 bash benchmarks/run_on_gpu.sh
 #   DEVICE=cpu DEIT_ARGS=--smoke ACC_ARGS="--iters 5 --calib 64 --test 200" DEIT_METHODS="aphq-vit fima-q" \
 #     STREAM_METHODS="aphq-vit fima-q" bash benchmarks/run_on_gpu.sh   # its dry run

@@ -341,15 +341,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .calib.methods import METHODS
-    from .models import available_models
-
-    p = argparse.ArgumentParser(prog="isvit-viz", description="Post-training quantization of vision transformers (I&S-ViT).")
-    p.add_argument("--version", action="version", version=f"isvit_viz {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub: Any) -> None:
+    """The ``demo`` subcommand: FP tables, a small PTQ comparison, the notebooks."""
     d = sub.add_parser("demo", help="evaluate the embedded models and run a small PTQ comparison")
     d.add_argument("--full", action="store_true", help="paper settings (1024 images, 1000 iterations): tens of minutes on a CPU")
     d.add_argument("--iters", type=_positive_int, default=None)
@@ -360,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-notebooks", action="store_true", help="skip executing the notebooks")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_evaluate(sub: Any) -> None:
+    """The ``evaluate`` subcommand: FP accuracy of embedded or timm models."""
     e = sub.add_parser(
         "evaluate", help="FP accuracy: the embedded models, or a timm model on ImageNet val beside the paper's FP number"
     )
@@ -377,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_reproduce(sub: Any) -> None:
+    """The ``reproduce`` subcommand: every notebook headless into a run folder."""
     r = sub.add_parser("reproduce", help="execute every notebook headless into a run folder (ipynb, HTML, PNG, results.md)")
     r.add_argument("--out", required=True)
     mode = r.add_mutually_exclusive_group()
@@ -385,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--notebooks", nargs="*", help="subset by name, e.g. 02_loss_landscape")
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=cmd_reproduce)
+
+
+def _add_quantize(sub: Any) -> None:
+    """The ``quantize`` subcommand: quantize one model and report FP vs quantized accuracy."""
+    from .calib.methods import METHODS
+    from .models import available_models
 
     q = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy")
     q.add_argument("--model", required=True, help=f"one of {available_models()} or any timm ViT/DeiT/Swin name")
@@ -425,7 +430,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from .calib.methods import METHODS
     from .sweep.command import add_arguments as add_sweep_arguments
+
+    p = argparse.ArgumentParser(prog="isvit-viz", description="Post-training quantization of vision transformers (I&S-ViT).")
+    p.add_argument("--version", action="version", version=f"isvit_viz {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_evaluate, _add_reproduce, _add_quantize):
+        add(sub)
 
     sw = sub.add_parser("sweep", help="run a model x method x bits x seed grid as Ray tasks (resumable), or report it")
     add_sweep_arguments(sw)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calib.engine import softmax_choices
+from .calib.methods import Method
 from .calib.pipeline import quantize
 from .evaluate import compare_to_fp, predict_logits
 from .paper import paper_top1
@@ -21,7 +23,7 @@ def run_grid(
     model: nn.Module,
     calib: torch.Tensor | Callable[[int], torch.Tensor],
     test_loader: Iterable,
-    methods: Sequence[str],
+    methods: Sequence[str | Method],
     bit_settings: Sequence[tuple[int, int]] = ((3, 3), (4, 4), (6, 6)),
     iters: int | None = None,
     seeds: Sequence[int] = (0,),
@@ -50,6 +52,7 @@ def run_grid(
     fp_outputs = predict_logits(model, test_loader, dev, progress=False, dtype=fp_dtype)  # once, not once per run
     records = []
     for method in methods:
+        name = method if isinstance(method, str) else method.name  # a registered name or a composed Method
         for wb, ab in bit_settings:
             for seed in seeds:
                 cuda = dev.type == "cuda"
@@ -58,18 +61,19 @@ def run_grid(
                 reset_peak_rss()  # each record's peak is its own run's (Linux)
                 t0 = time.perf_counter()
                 images = calib(seed) if callable(calib) else calib
-                ckpt = None if checkpoint_root is None else Path(checkpoint_root) / f"{method}_w{wb}a{ab}_s{seed}"
+                ckpt = None if checkpoint_root is None else Path(checkpoint_root) / f"{name}_w{wb}a{ab}_s{seed}"
                 res = quantize(model, method, wb, ab, images, iters=iters, seed=seed, progress=progress, device=dev,
                                checkpoint_dir=ckpt, **quantize_kw)  # fmt: skip
                 wall = time.perf_counter() - t0
                 cmp = compare_to_fp(model, res.model, test_loader, dev, progress=False, fp_outputs=fp_outputs)
                 records.append({
-                    "method": method, "w_bits": wb, "a_bits": ab, "seed": seed, "iters": res.config["iters"],
+                    "method": name, "w_bits": wb, "a_bits": ab, "seed": seed, "iters": res.config["iters"],
                     "batch_size": res.config["batch_size"],
                     "calib_images": res.config["calib_images"], **cmp, "wall_s": wall, "stage_s": dict(res.timings),
                     "peak_rss_mb": peak_rss_mb(),
                     "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
-                    "paper_deit_s_top1": paper_top1(method, wb, ab),
+                    "paper_deit_s_top1": paper_top1(name, wb, ab),
+                    **({"softmax_choice": chosen} if (chosen := softmax_choices(res.unit_losses)) else {}),
                 })  # fmt: skip
                 del res
     return records

@@ -58,6 +58,8 @@ CASES: dict[str, tuple[str, str | tuple[str, dict], dict[str, Any]]] = {
     "vit/isvit-no-sos": ("vit", "isvit", {"sos": False}),
     "vit/isvit-log2": ("vit", "isvit", {"softmax_quantizer": "log2"}),
     "swin/isvit": ("swin", "isvit", {}),
+    "vit/isvit+": ("vit", "isvit+", {}),
+    "swin/isvit+": ("swin", "isvit+", {}),
 }
 
 
@@ -102,8 +104,15 @@ def run_case(case: str, data: dict[str, tuple]) -> dict[str, Any]:
                       callbacks=lambda s, _m: stages.append(s), **kw)  # fmt: skip
     with torch.no_grad():
         logits = res.model(test).float()
-    losses = [[u["stage"], u["unit"], float(u["loss_first"]), float(u["loss_last"])] for u in res.unit_losses]
+    losses = [_pinned_record(u) for u in res.unit_losses]
     return {"logits": logits, "stages": stages, "unit_losses": losses, "timing_keys": sorted(res.timings)}
+
+
+def _pinned_record(u: dict[str, Any]) -> list:
+    """A unit's first and last loss, or a ``ChooseSoftmax`` record's choice and candidate errors."""
+    if "softmax_choice" in u:
+        return [u["stage"], u["unit"], u["softmax_choice"], sorted((k, float(v)) for k, v in u["errors"].items())]
+    return [u["stage"], u["unit"], float(u["loss_first"]), float(u["loss_last"])]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,20 @@ from typing import Any
 
 from ..quant.config import PTQ4VIT_TWIN
 from ..quant.uniform import ACT_PERCENTILES
-from .provenance import PROVENANCE, Source, ablation_no_sos, ablation_softmax
-from .stages import Calibrate, HessianCalibrate, Loss, Mix, Reconstruct, ReluMLP, Reparameterize, Requantize, Stage, check_stages
+from .provenance import PROVENANCE, Source, ablation_no_sos, ablation_softmax, isvit_plus_provenance
+from .stages import (
+    Calibrate,
+    ChooseSoftmax,
+    HessianCalibrate,
+    Loss,
+    Mix,
+    Reconstruct,
+    ReluMLP,
+    Reparameterize,
+    Requantize,
+    Stage,
+    check_stages,
+)  # fmt: skip
 
 #: Method fields that place quantizers (passed to :class:`isvit_viz.quant.config.QuantConfig`).
 PLACEMENT_FIELDS = (
@@ -165,6 +177,63 @@ def _aphq_fima_stages(loss: Loss, head_loss: Loss | str) -> tuple[Stage, ...]:
     )  # fmt: skip
 
 
+#: ``isvit+``'s post-softmax candidates: SULQ (wins at 3 bits), uniform (6 bits), log-sqrt2 (4 bits)
+#: (``benchmarks/results/softmax_choice.json``).
+ISVIT_PLUS_CANDIDATES = ("sulq", "uniform", "logsqrt2")
+
+
+def isvit_plus(
+    *,
+    choose_softmax: bool = True,
+    sos: bool = True,
+    act_drop_prob: float = 0.0,
+    rounding: str = "ste",
+    loss: str | Loss = "mse",
+    name: str = "isvit+",
+) -> Method:
+    """``isvit+``: this package's own combination on I&S-ViT (not a published method).
+
+    I&S-ViT's paper placement and SOS, plus a per-attention choice of the post-softmax quantizer by
+    attention-output error among :data:`ISVIT_PLUS_CANDIDATES` (:class:`ChooseSoftmax`, after
+    calibration: SULQ stays where it wins). ``isvit_plus(choose_softmax=False)`` is exactly ``isvit``.
+
+    Each keyword switches one ingredient (the ablation of ``benchmarks/isvit_plus.py``):
+    ``choose_softmax=False`` keeps SULQ everywhere, ``sos=False`` replaces the three SOS stages by one
+    reconstruction with quantized weights and layer-wise post-LN activations (paper Table 3),
+    ``act_drop_prob`` adds QDrop's element-wise FP/quantized mixing in the quantized-weight
+    reconstruction (measured: no gain at W4/A4 and W6/A6 on the embedded ViT, about 2x stage three's
+    time, so off by default), ``rounding="adaround"`` and ``loss`` change the reconstruction(s). A
+    non-default switch should get its own ``name``.
+    """
+    head = (ChooseSoftmax(candidates=ISVIT_PLUS_CANDIDATES, images=256),) if choose_softmax else ()
+    last = {"inputs": "quantized", "weights": "quantized", "act_drop_prob": act_drop_prob, "rounding": rounding, "loss": loss}
+    if sos:
+        stages = (
+            Calibrate(images=256),
+            *head,
+            Reconstruct(name="stage1", inputs="fp", weights="fp", loss=loss),
+            Reparameterize(name="stage2", event=None, zero_point="round"),
+            Requantize(name="stage2"),
+            Reconstruct(name="stage3", **last),
+        )
+    else:
+        stages = (
+            Calibrate(weights="calibrate", images=256),
+            *head,
+            Reconstruct(name="reconstruct", event="reconstructed", **last),
+        )
+    return Method(
+        name=name,
+        stages=stages,
+        softmax="sulq",
+        softmax_kwargs={"mode": "paper"},
+        post_ln="channel" if sos else "layer",
+        description="our own combination (not a published method): I&S-ViT (paper-mode SULQ + SOS) with each "
+        "attention's post-softmax quantizer chosen by attention-output error among SULQ, uniform and log-sqrt2",
+        provenance=isvit_plus_provenance(stages, choose_softmax=choose_softmax, sos=sos),
+    )
+
+
 def _registered(name: str, **kw: Any) -> Method:
     return Method(name=name, provenance=PROVENANCE[name], **kw)
 
@@ -283,6 +352,7 @@ METHODS: dict[str, Method] = {
         "20k steps, batch 32",
         **_APHQ_FIMA_PLACEMENT,
     ),
+    "isvit+": isvit_plus(),
     "minmax": _registered(
         "minmax",
         stages=_calibration_only(64, reparam=None),
@@ -331,4 +401,4 @@ def resolve_method(method: str | Method, softmax_quantizer: str | None = None, s
     return m
 
 
-__all__ = ["METHODS", "Method", "Mix", "PLACEMENT_FIELDS", "resolve_method"]
+__all__ = ["ISVIT_PLUS_CANDIDATES", "METHODS", "Method", "Mix", "PLACEMENT_FIELDS", "isvit_plus", "resolve_method"]

@@ -75,6 +75,34 @@ def _collapse(
     return None, share, float("nan"), thr
 
 
+def _histogram_counts(
+    stats: AttentionStats | torch.Tensor, layer: int | None, head: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts, edges)``: float64 counts with under- and overflow bins, for a capture or a raw tensor
+    (``ValueError`` when there is nothing to plot)."""
+    if isinstance(stats, AttentionStats):
+        counts, edges = stats.histogram(layer, head).double(), stats.edges
+    else:
+        from ..analysis.attention import DEFAULT_EDGES
+
+        vals = torch.as_tensor(stats).detach().double().flatten()
+        edges = DEFAULT_EDGES
+        counts = torch.bincount(torch.bucketize(vals, edges, right=True), minlength=len(edges) + 1).double()
+    if counts.sum() == 0:
+        raise ValueError("empty attention capture: nothing to plot")
+    return counts, edges
+
+
+def _collapse_label(levels: np.ndarray, collapsed: float, nxt: float, exact: bool) -> str:
+    """Legend text: the share on the lowest level (and the next, when exact); says where level 0 is."""
+    lv0 = float(levels[0])
+    where = (" < 0" if lv0 < 0 else "") + (", off the log axis" if lv0 <= 0 else "")
+    label = f"onto lowest level ({lv0:.2g}{where}): {'' if exact else '≈ '}{collapsed:.1%}"
+    if exact and len(levels) > 1:
+        label += f"; next ({float(levels[1]):.2g}): {nxt:.1%}"
+    return label
+
+
 def plot_attention_histogram(
     stats: AttentionStats | torch.Tensor,
     layer: int | None = None,
@@ -96,21 +124,8 @@ def plot_attention_histogram(
     samples when ``head is None``, otherwise the histogram, marked with "≈") or a raw tensor.
     """
     _check_backend(backend)
-    if isinstance(stats, AttentionStats):
-        counts = stats.histogram(layer, head).double()
-        edges = stats.edges
-    else:
-        vals = torch.as_tensor(stats).detach().double().flatten()
-        if vals.numel() == 0:
-            raise ValueError("empty attention capture: nothing to plot")
-        from ..analysis.attention import DEFAULT_EDGES
-
-        edges = DEFAULT_EDGES
-        idx = torch.bucketize(vals, edges, right=True)
-        counts = torch.bincount(idx, minlength=len(edges) + 1).double()
+    counts, edges = _histogram_counts(stats, layer, head)
     total = counts.sum()
-    if total == 0:
-        raise ValueError("empty attention capture: nothing to plot")
     inner = counts[1:-1] / total  # bins between edges; underflow reported in the legend
     lo, hi = edges[:-1].numpy(), edges[1:].numpy()
     centers = np.sqrt(lo * hi)
@@ -124,13 +139,7 @@ def plot_attention_histogram(
     label = ""
     if quantizer is not None:
         cov, collapsed, nxt, thr = _collapse(stats, layer, head, quantizer, counts, edges)
-        approx = "≈ " if cov is None else ""
-        lv0 = float(levels[0])
-        where = " < 0" if lv0 < 0 else ""
-        where += ", off the log axis" if lv0 <= 0 else ""
-        label = f"onto lowest level ({lv0:.2g}{where}): {approx}{collapsed:.1%}"
-        if cov is not None and len(levels) > 1:
-            label += f"; next ({float(levels[1]):.2g}): {nxt:.1%}"
+        label = _collapse_label(levels, collapsed, nxt, exact=cov is not None)
     if backend == "plotly":
         import plotly.graph_objects as go
 
