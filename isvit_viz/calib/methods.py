@@ -207,15 +207,9 @@ def isvit_plus(
     """
     head = (ChooseSoftmax(candidates=ISVIT_PLUS_CANDIDATES, images=256),) if choose_softmax else ()
     last = {"inputs": "quantized", "weights": "quantized", "act_drop_prob": act_drop_prob, "rounding": rounding, "loss": loss}
-    if sos:
-        stages = (
-            Calibrate(images=256),
-            *head,
-            Reconstruct(name="stage1", inputs="fp", weights="fp", loss=loss),
-            Reparameterize(name="stage2", event=None, zero_point="round"),
-            Requantize(name="stage2"),
-            Reconstruct(name="stage3", **last),
-        )
+    if sos:  # isvit's own SOS stages, the choice after calibration, the switches in the reconstructions
+        cal, s1, *fold, s3 = _sos_stages("round", 256)
+        stages = (cal, *head, replace(s1, loss=loss), *fold, replace(s3, **last))
     else:
         stages = (
             Calibrate(weights="calibrate", images=256),

@@ -247,14 +247,19 @@ def quantize(
                         generator=gen, run=run, model_kind=kind, label=m.name, progress=progress, quant_config=qcfg)  # fmt: skip
     resume = _resume(ctx, checkpoint_dir, config)
     run_stages(m.stages, ctx, cbs, resume)
+    return _result(ctx, config, qcfg)
+
+
+def _result(ctx: EngineContext, config: dict[str, Any], qcfg: Any) -> QuantResult:
+    """The finished run: total time, the softmax choices in the recorded placement, the checkpoint closed."""
     ctx.timings["total"] = sum(v for k, v in ctx.timings.items() if k != "total")
     choices = softmax_choices(ctx.unit_losses)
     if choices:  # so save_quantized / load_quantized rebuild the chosen quantizers
         config["quant_config"] = replace(qcfg, softmax_layers={**qcfg.softmax_layers, **choices}).to_dict()
-    qmodel.eval()
+    ctx.qmodel.eval()
     if ctx.checkpoint:
         ctx.checkpoint.finish()
-    return QuantResult(model=qmodel, config=config, timings=ctx.timings, unit_losses=ctx.unit_losses)
+    return QuantResult(model=ctx.qmodel, config=config, timings=ctx.timings, unit_losses=ctx.unit_losses)
 
 
 __all__ = ["QuantResult", "StageCallback", "check_input_shape", "quantize", "reconstruction_units"]
