@@ -312,6 +312,50 @@ def test_command_runs_on_an_existing_ray_instance(serial, tmp_path):
                 assert [rec[k] for k in NUMBERS] == [ref[k] for k in NUMBERS]
 
 
+class _LossyRay:
+    """A stand-in for ``ray`` whose first cancel of a task is lost (Ray answers a cancel that reaches a
+    worker before the task starts "not running" and drops it), as seen on a loaded CI machine."""
+
+    def __init__(self, lost: set[str]):
+        self.ended: set[str] = set()
+        self.lost = set(lost)
+        self.cancels: list[str] = []
+
+    def cancel(self, ref: str, force: bool) -> None:
+        assert force  # a KeyboardInterrupt could leave a reused worker half-initialised
+        self.cancels.append(ref)
+        if ref in self.lost:
+            self.lost.discard(ref)
+        else:
+            self.ended.add(ref)
+
+    def wait(self, refs: list[str], num_returns: int, timeout: float) -> tuple[list[str], list[str]]:
+        assert num_returns == len(refs) and timeout > 0
+        return [r for r in refs if r in self.ended], [r for r in refs if r not in self.ended]
+
+
+def test_a_lost_cancel_is_asked_again_until_the_task_ends():
+    from isvit_viz.sweep.runner import _cancel
+
+    ray = _LossyRay(lost={"b"})
+    assert _cancel(ray, ["a", "b", "c"], poll_s=0.01) == []
+    assert ray.cancels == ["a", "b", "c", "b"]  # only the task still running is asked again
+    assert ray.ended == {"a", "b", "c"}
+
+
+def test_a_task_that_never_ends_is_returned_after_the_timeout():
+    from isvit_viz.sweep.runner import _cancel
+
+    class Stuck(_LossyRay):
+        def cancel(self, ref: str, force: bool) -> None:
+            self.cancels.append(ref)
+
+    ray = Stuck(lost=set())
+    t0 = time.monotonic()
+    assert _cancel(ray, ["a"], poll_s=0.01, timeout_s=0.05) == ["a"]
+    assert time.monotonic() - t0 < 5 and len(ray.cancels) >= 2
+
+
 # ----------------------------------------------------------------------------- Ray (a local 2-CPU cluster, loopback)
 @pytest.fixture(scope="module")
 def ray_cluster():

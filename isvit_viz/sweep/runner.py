@@ -277,8 +277,31 @@ def _run_ray(
             if finished(cell, outcome, in_flight=len(pending)):
                 break
     finally:  # done, max_cells reached, or interrupted: nothing of this sweep keeps running
-        for ref in pending:
-            # queued: dropped; running: its worker is killed. A KeyboardInterrupt instead (force=False) can
-            # land mid-import (torch, sympy) and leave the reused worker's modules half-initialised: the next
-            # cell there fails ("module 'sympy' has no attribute 'logic'")
+        left = _cancel(ray, pending)
+        if left:
+            warnings.warn(f"{len(left)} cancelled sweep cell(s) still running on the Ray cluster after "
+                          f"{CANCEL_TIMEOUT_S:.0f} s", RuntimeWarning, stacklevel=2)  # fmt: skip
+
+
+#: how long :func:`_cancel` keeps asking before it gives up (seconds)
+CANCEL_TIMEOUT_S = 60.0
+
+
+def _cancel(ray: Any, refs: list[Any], poll_s: float = 1.0, timeout_s: float = CANCEL_TIMEOUT_S) -> list[Any]:
+    """Force-cancel Ray tasks and wait until each has ended; returns those still unresolved at the timeout.
+
+    Queued tasks are dropped; running ones lose their worker. ``force=True`` because a KeyboardInterrupt
+    (``force=False``) can land mid-import (torch, sympy) and leave the reused worker's modules
+    half-initialised, so the next cell there fails ("module 'sympy' has no attribute 'logic'"). The
+    cancel is repeated until the task has ended: one that reaches a worker after it received the task
+    but before it started running it is answered "not running" and dropped by Ray (2.52 retries only
+    running tasks), and the cell then runs to its end.
+    """
+    deadline = time.monotonic() + timeout_s
+    while refs:
+        for ref in refs:
             ray.cancel(ref, force=True)
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=poll_s)
+        if time.monotonic() >= deadline:
+            break
+    return refs
