@@ -183,6 +183,40 @@ def run_sweep(
         spec.check_paths()  # a local run must see the data; on a cluster the workers check their own mounts
     folder = SweepFolder(Path(out))
     folder.check(spec)
+    ray = _backend_module(spec, backend, address, say)
+    cells = spec.cells()
+    summary = SweepSummary(backend="ray" if ray else "serial", total=len(cells))
+    t0 = time.perf_counter()
+    started = False
+    try:
+        if ray is not None:
+            started = _connect(ray, address)
+            summary.startup_s = time.perf_counter() - t0
+            summary.cluster_cpus = _check_resources(ray, spec)
+        folder.prepare(spec)
+        todo = [c for c in cells if not folder.is_done(c)]
+        summary.skipped = len(cells) - len(todo)
+        if summary.skipped:
+            say(f"{folder.root}: {summary.skipped} of {len(cells)} cells already finished, running the other {len(todo)}")
+        with tqdm(total=len(cells), initial=summary.skipped, unit="cell", desc="sweep", disable=not progress, file=sys.stderr) as bar:  # fmt: skip
+            finished = _recorder(folder, summary, bar, progress, max_cells)
+            if ray is not None and todo:
+                _run_ray(ray, spec, spec.to_dict(), todo, cell_fn, finished)
+            elif todo:
+                _run_serial(spec.to_dict(), todo, cell_fn, finished)
+    finally:
+        if started:
+            ray.shutdown()
+    summary.not_run = len(cells) - summary.skipped - summary.done - summary.failed
+    summary.wall_s = time.perf_counter() - t0
+    folder.write_report()
+    folder.log({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "address": address, **asdict(summary)})
+    return summary
+
+
+def _backend_module(spec: SweepSpec, backend: str, address: str | None, say: Callable[[str], None]) -> Any:
+    """The ``ray`` module the sweep runs on, or None for the serial backend (with the install hint
+    under ``auto``); ``ValueError`` when the choice cannot work here."""
     ray = None
     if backend != "serial":
         if address:
@@ -198,52 +232,30 @@ def run_sweep(
 
         if not torch.cuda.is_available():
             raise ValueError("device cuda: this machine has no CUDA device (and no Ray cluster was given)")
-    cells = spec.cells()
-    summary = SweepSummary(backend="ray" if ray else "serial", total=len(cells))
-    t0 = time.perf_counter()
-    started = False
-    try:
-        if ray is not None:
-            started = _connect(ray, address)
-            summary.startup_s = time.perf_counter() - t0
-            summary.cluster_cpus = _check_resources(ray, spec)
-        folder.prepare(spec)
-        todo = [c for c in cells if not folder.is_done(c)]
-        summary.skipped = len(cells) - len(todo)
-        if summary.skipped:
-            say(f"{folder.root}: {summary.skipped} of {len(cells)} cells already finished, running the other {len(todo)}")
-        bar = tqdm(total=len(cells), initial=summary.skipped, unit="cell", desc="sweep", disable=not progress, file=sys.stderr)
+    return ray
 
-        def finished(cell: Cell, outcome: dict[str, Any], in_flight: int) -> bool:
-            folder.record(cell, outcome)
-            summary.cell_s[cell.key] = outcome.get("cell_s", float("nan"))
-            if outcome["status"] == "done":
-                summary.done += 1
-            else:
-                summary.failed += 1
-            bar.update(1)
-            bar.set_postfix_str(f"done {summary.skipped + summary.done}, failed {summary.failed}, left {in_flight}")
-            if progress:
-                bar.write(
-                    f"[{summary.skipped + summary.done + summary.failed}/{len(cells)}] {_cell_line(cell, outcome, folder)}",
-                    file=sys.stderr,
-                )
-            return max_cells is not None and summary.done + summary.failed >= max_cells
 
-        spec_d = spec.to_dict()
-        if ray is not None and todo:
-            _run_ray(ray, spec, spec_d, todo, cell_fn, finished)
-        elif todo:
-            _run_serial(spec_d, todo, cell_fn, finished)
-        bar.close()
-    finally:
-        if started:
-            ray.shutdown()
-    summary.not_run = len(cells) - summary.skipped - summary.done - summary.failed
-    summary.wall_s = time.perf_counter() - t0
-    folder.write_report()
-    folder.log({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "address": address, **asdict(summary)})
-    return summary
+def _recorder(
+    folder: SweepFolder, summary: SweepSummary, bar: Any, progress: bool, max_cells: int | None
+) -> Callable[[Cell, dict[str, Any], int], bool]:
+    """What happens to each finished cell (stored, counted, shown); it returns True once ``max_cells``
+    cells finished or failed in this call, which stops the sweep."""
+
+    def finished(cell: Cell, outcome: dict[str, Any], in_flight: int) -> bool:
+        folder.record(cell, outcome)
+        summary.cell_s[cell.key] = outcome.get("cell_s", float("nan"))
+        if outcome["status"] == "done":
+            summary.done += 1
+        else:
+            summary.failed += 1
+        bar.update(1)
+        bar.set_postfix_str(f"done {summary.skipped + summary.done}, failed {summary.failed}, left {in_flight}")
+        if progress:
+            count = summary.skipped + summary.done + summary.failed
+            bar.write(f"[{count}/{summary.total}] {_cell_line(cell, outcome, folder)}", file=sys.stderr)
+        return max_cells is not None and summary.done + summary.failed >= max_cells
+
+    return finished
 
 
 def _run_serial(spec_d: dict[str, Any], todo: list[Cell], cell_fn: CellFn | None, finished: Callable[..., bool]) -> None:
